@@ -1,0 +1,98 @@
+//! Project tasks, run as `cargo xtask <task>`:
+//!
+//! - `plugins`: build every crate under `plugins/` into `target/plugins/<crate>.wasm`;
+//! - `test`: build the plugins, then run every test of the workspace;
+//! - `demo`: build everything, start the reference Client System and syncd with
+//!   `sync.toml`, enqueue sample readings, show them arriving, stop everything.
+
+mod demo;
+mod plugins;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+/// Where things are.
+pub struct Workspace {
+    /// The repository's root.
+    pub root: PathBuf,
+    /// The workspace's target directory.
+    pub target: PathBuf,
+    /// The cargo that runs this xtask.
+    pub cargo: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        let manifest_dir = PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .context("run this through cargo: `cargo xtask …`")?,
+        );
+        let root = manifest_dir
+            .parent()
+            .context("xtask lives in a folder of the workspace")?
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let cargo = std::env::var_os("CARGO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("cargo"));
+        Ok(Self {
+            root,
+            target,
+            cargo,
+        })
+    }
+}
+
+/// Runs a command to completion, failing unless it succeeded.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("failed to start {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed: {status}", command.get_program());
+    }
+    Ok(())
+}
+
+const USAGE: &str = "usage: cargo xtask <plugins|test|demo>
+
+  plugins   build every crate under plugins/ into target/plugins/<crate>.wasm
+  test      build the plugins, then run every test of the workspace
+  demo      run syncd against the reference Client System on loopback";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = Workspace::locate().and_then(|ws| match args.first().map(String::as_str) {
+        Some("plugins") => plugins::build(&ws).map(drop),
+        Some("test") => test(&ws, &args[1..]),
+        Some("demo") => demo::run(&ws),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            bail!("unknown or missing task")
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the plugins, then runs every test; extra arguments go to `cargo test`.
+fn test(ws: &Workspace, extra: &[String]) -> Result<()> {
+    plugins::build(ws)?;
+    run(Command::new(&ws.cargo)
+        .current_dir(&ws.root)
+        .args(["test", "--workspace", "--locked"])
+        .args(extra))
+}
