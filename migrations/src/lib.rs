@@ -1,0 +1,23 @@
+//! The schema of syncd's queue, as sea-orm migrations, applied by `syncd migrate` and
+//! on every start of the daemon.
+//!
+//! The tables (documented for operators in the README):
+//! - `readings`: the queue. A collection service may insert rows with plain SQL.
+//! - `client_systems`: per Client System, how far into `readings` it has been batched.
+//! - `batches`: every batch, recorded before it is sent, until it is acknowledged.
+//! - `dead_letters`: batches refused for good, kept with their reason.
+//! - `sync_log`: one row per delivery attempt.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_create_queue;
+
+/// Applies syncd's migrations in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261122_000001_create_queue::Migration)]
+    }
+}

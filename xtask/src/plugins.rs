@@ -38,7 +38,12 @@ pub fn build(ws: &Workspace) -> Result<Vec<PathBuf>> {
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTFLAGS");
 
-    if sysroot.join("lib/rustlib").join(WASM_TARGET).join("lib").is_dir() {
+    if sysroot
+        .join("lib/rustlib")
+        .join(WASM_TARGET)
+        .join("lib")
+        .is_dir()
+    {
         eprintln!("xtask: building plugins with rustup's {WASM_TARGET} target");
     } else {
         let toolchain = fallback::ensure(&ws.target.join("wasm-toolchain"))?;
@@ -162,7 +167,10 @@ mod fallback {
             provision(prefix)?;
         }
         let version = rustc_version(&toolchain)?;
-        Ok(Toolchain { version, ..toolchain })
+        Ok(Toolchain {
+            version,
+            ..toolchain
+        })
     }
 
     fn provision(prefix: &Path) -> Result<()> {
@@ -172,7 +180,10 @@ mod fallback {
                  Install the target with: rustup target add {WASM_TARGET}"
             );
         }
-        eprintln!("xtask: provisioning the wasm toolchain into {}", prefix.display());
+        eprintln!(
+            "xtask: provisioning the wasm toolchain into {}",
+            prefix.display()
+        );
         if prefix.exists() {
             std::fs::remove_dir_all(prefix)
                 .with_context(|| format!("failed to clear {}", prefix.display()))?;
@@ -236,7 +247,9 @@ mod fallback {
 
     /// The names a package directly depends on, per apt-cache.
     fn apt_depends(package: &str) -> Result<Vec<String>> {
-        let out = Command::new("apt-cache").args(["depends", package]).output()?;
+        let out = Command::new("apt-cache")
+            .args(["depends", package])
+            .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let deps: Vec<String> = text
             .lines()

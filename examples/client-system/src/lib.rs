@@ -1,0 +1,453 @@
+//! The reference Client System: the MeterIt API that syncd delivers to in the demo and
+//! in the tests, on loopback.
+//!
+//! The API, under `/api`:
+//! - `POST /api/auth` `{"api_key": …}` → `{"token": …, "expires_in": 3600}`, 401 for a
+//!   wrong key.
+//! - `POST /api/readings/batch` with `Authorization: Bearer <token>` and
+//!   `Idempotency-Key: <batch id>`; body `{"batch_id", "site_id", "readings": […]}` (the
+//!   `json_batch` encoder's format). A key already stored is answered 200 with
+//!   `"duplicate": true` and nothing is stored twice.
+//! - `GET /api/config` → `{"version": …, "config": {…}}`, 404 until one is set.
+//! - `POST /api/heartbeat`, `GET /api/health`.
+//!
+//! And for tests and the demo, under `/admin` (no authentication: loopback only):
+//! - `GET /admin/stats` → `{"batches", "readings", "duplicates", "heartbeats"}`;
+//! - `GET /admin/readings` → every stored reading;
+//! - `POST /admin/faults` `[{"status": 503, "retry_after": 2, "delay_ms": 0}, …]`: the
+//!   next batch uploads are answered with these, in order;
+//! - `PUT /admin/config` `{"version": …, "config": {…}}`.
+//!
+//! Everything accepted is stored in its own SQLite file.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use sea_orm::{
+    ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// How the server is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The API key `POST /api/auth` accepts.
+    pub api_key: String,
+    /// The SQLite file it stores into (created if missing).
+    pub database: PathBuf,
+}
+
+/// A failure to answer a batch upload with, instead of storing it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// The status to answer with.
+    pub status: u16,
+    /// A `Retry-After` header, in seconds.
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+    /// How long to wait before answering.
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+/// What `GET /admin/stats` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Stats {
+    /// Batches stored.
+    pub batches: u64,
+    /// Readings stored.
+    pub readings: u64,
+    /// Uploads dropped as duplicates of a stored batch.
+    pub duplicates: u64,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+}
+
+/// A reading as stored.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct StoredReading {
+    /// The batch (idempotency key) it came in.
+    pub batch_id: String,
+    /// The site that sent it.
+    pub site_id: String,
+    /// The reading's id at the site.
+    pub id: i64,
+    /// The meter.
+    pub meter_id: String,
+    /// The channel.
+    pub channel: String,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    /// The value.
+    pub value: f64,
+}
+
+struct AppState {
+    options: Options,
+    db: DatabaseConnection,
+    tokens: Mutex<HashSet<String>>,
+    faults: Mutex<VecDeque<Fault>>,
+    remote_config: Mutex<Option<serde_json::Value>>,
+    duplicates: Mutex<u64>,
+    heartbeats: Mutex<Vec<serde_json::Value>>,
+}
+
+/// A running server.
+pub struct Server {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Starts a server on `listen` (port 0 picks a free one).
+    pub async fn start(listen: SocketAddr, options: Options) -> Result<Self> {
+        if let Some(parent) = options
+            .database
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent)?;
+        }
+        let url = format!("sqlite://{}?mode=rwc", options.database.display());
+        let db = Database::connect(&url)
+            .await
+            .with_context(|| format!("cannot open {url}"))?;
+        for sql in [
+            "PRAGMA journal_mode=WAL",
+            "CREATE TABLE IF NOT EXISTS batches (idempotency_key TEXT PRIMARY KEY, site_id TEXT NOT NULL, reading_count INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS readings (batch_id TEXT NOT NULL, site_id TEXT NOT NULL, id INTEGER NOT NULL, meter_id TEXT NOT NULL, channel TEXT NOT NULL, timestamp INTEGER NOT NULL, value REAL NOT NULL, unit TEXT NOT NULL, quality TEXT NOT NULL, attributes TEXT NOT NULL)",
+        ] {
+            db.execute_unprepared(sql).await?;
+        }
+        let state = Arc::new(AppState {
+            options,
+            db,
+            tokens: Mutex::default(),
+            faults: Mutex::default(),
+            remote_config: Mutex::default(),
+            duplicates: Mutex::default(),
+            heartbeats: Mutex::default(),
+        });
+        let app = axum::Router::new()
+            .route("/api/auth", post(auth))
+            .route("/api/readings/batch", post(upload))
+            .route("/api/config", get(config))
+            .route("/api/heartbeat", post(heartbeat))
+            .route(
+                "/api/health",
+                get(|| async { Json(json!({ "status": "ok" })) }),
+            )
+            .route("/admin/stats", get(admin_stats))
+            .route("/admin/readings", get(admin_readings))
+            .route("/admin/faults", post(admin_faults))
+            .route("/admin/config", put(admin_config))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            task,
+        })
+    }
+
+    /// The base URL to configure syncd with: `http://<addr>/api`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/api", self.addr)
+    }
+
+    /// What has been stored and received.
+    pub async fn stats(&self) -> Result<Stats> {
+        stats(&self.state).await
+    }
+
+    /// Every stored reading, in the order stored.
+    pub async fn stored_readings(&self) -> Result<Vec<StoredReading>> {
+        stored_readings(&self.state).await
+    }
+
+    /// Queues failures for the next batch uploads.
+    pub fn inject_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.state.faults).extend(faults);
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| lock(&state.tokens).contains(token))
+}
+
+#[derive(Deserialize)]
+struct AuthRequest {
+    api_key: String,
+}
+
+async fn auth(State(state): State<Arc<AppState>>, body: Option<Json<AuthRequest>>) -> Response {
+    match body {
+        Some(Json(req)) if req.api_key == state.options.api_key => {
+            let token = uuid::Uuid::new_v4().to_string();
+            lock(&state.tokens).insert(token.clone());
+            Json(json!({ "token": token, "expires_in": 3600 })).into_response()
+        }
+        _ => error(StatusCode::UNAUTHORIZED, "invalid api key"),
+    }
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    batch_id: String,
+    site_id: String,
+    readings: Vec<WireReading>,
+}
+
+#[derive(Deserialize)]
+struct WireReading {
+    id: i64,
+    meter_id: String,
+    #[serde(default)]
+    channel: String,
+    timestamp: i64,
+    value: f64,
+    #[serde(default)]
+    unit: String,
+    #[serde(default)]
+    quality: String,
+    #[serde(default)]
+    attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Rows per INSERT (SQLite allows 32766 bound values; a reading binds 10).
+const INSERT_CHUNK: usize = 3000;
+
+async fn upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fault = lock(&state.faults).pop_front();
+    if let Some(fault) = fault {
+        if let Some(ms) = fault.delay_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let status =
+            StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = error(status, "injected fault");
+        if let Some(seconds) = fault.retry_after {
+            if let Ok(value) = seconds.to_string().parse() {
+                response.headers_mut().insert("retry-after", value);
+            }
+        }
+        return response;
+    }
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key header is required",
+        );
+    };
+    let batch: Batch = match serde_json::from_slice(&body) {
+        Ok(batch) => batch,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid batch: {e}")),
+    };
+    match store_batch(&state, &key, batch).await {
+        Ok(Some(count)) => Json(json!({ "accepted": count, "duplicate": false })).into_response(),
+        Ok(None) => {
+            *lock(&state.duplicates) += 1;
+            Json(json!({ "accepted": 0, "duplicate": true })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+/// Stores a batch unless its key is known; the number stored, or none for a duplicate.
+async fn store_batch(state: &AppState, key: &str, batch: Batch) -> Result<Option<usize>> {
+    let txn = state.db.begin().await?;
+    let inserted = txn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            "INSERT OR IGNORE INTO batches (idempotency_key, site_id, reading_count) VALUES (?, ?, ?)",
+            [key.into(), batch.site_id.clone().into(), (batch.readings.len() as i64).into()],
+        ))
+        .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let _ = &batch.batch_id;
+    for chunk in batch.readings.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO readings (batch_id, site_id, id, meter_id, channel, timestamp, value, unit, quality, attributes) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 10);
+        for (i, r) in chunk.iter().enumerate() {
+            sql.push_str(if i == 0 {
+                "(?,?,?,?,?,?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?,?,?,?,?,?)"
+            });
+            values.extend([
+                key.into(),
+                batch.site_id.clone().into(),
+                r.id.into(),
+                r.meter_id.clone().into(),
+                r.channel.clone().into(),
+                r.timestamp.into(),
+                r.value.into(),
+                r.unit.clone().into(),
+                r.quality.clone().into(),
+                serde_json::Value::Object(r.attributes.clone())
+                    .to_string()
+                    .into(),
+            ]);
+        }
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            values,
+        ))
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(Some(batch.readings.len()))
+}
+
+async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    match lock(&state.remote_config).clone() {
+        Some(config) => Json(config).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no configuration for this site"),
+    }
+}
+
+async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Option<Json<serde_json::Value>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    lock(&state.heartbeats).push(body.map(|Json(v)| v).unwrap_or_default());
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn stats(state: &AppState) -> Result<Stats> {
+    let count = |sql: &'static str| async move {
+        let row = state
+            .db
+            .query_one_raw(Statement::from_string(DbBackend::Sqlite, sql))
+            .await?
+            .context("count returned no row")?;
+        Ok::<u64, anyhow::Error>(row.try_get_by_index::<i64>(0)? as u64)
+    };
+    Ok(Stats {
+        batches: count("SELECT COUNT(*) FROM batches").await?,
+        readings: count("SELECT COUNT(*) FROM readings").await?,
+        duplicates: *lock(&state.duplicates),
+        heartbeats: lock(&state.heartbeats).len() as u64,
+    })
+}
+
+async fn stored_readings(state: &AppState) -> Result<Vec<StoredReading>> {
+    let rows = state
+        .db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT batch_id, site_id, id, meter_id, channel, timestamp, value FROM readings ORDER BY rowid",
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(StoredReading {
+                batch_id: row.try_get_by_index(0)?,
+                site_id: row.try_get_by_index(1)?,
+                id: row.try_get_by_index(2)?,
+                meter_id: row.try_get_by_index(3)?,
+                channel: row.try_get_by_index(4)?,
+                timestamp: row.try_get_by_index(5)?,
+                value: row.try_get_by_index(6)?,
+            })
+        })
+        .collect()
+}
+
+async fn admin_stats(State(state): State<Arc<AppState>>) -> Response {
+    match stats(&state).await {
+        Ok(stats) => Json(stats).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn admin_readings(State(state): State<Arc<AppState>>) -> Response {
+    match stored_readings(&state).await {
+        Ok(readings) => Json(readings).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn admin_faults(
+    State(state): State<Arc<AppState>>,
+    Json(faults): Json<Vec<Fault>>,
+) -> Response {
+    let count = faults.len();
+    lock(&state.faults).extend(faults);
+    Json(json!({ "queued": count })).into_response()
+}
+
+async fn admin_config(
+    State(state): State<Arc<AppState>>,
+    Json(config): Json<serde_json::Value>,
+) -> Response {
+    *lock(&state.remote_config) = Some(config);
+    StatusCode::NO_CONTENT.into_response()
+}

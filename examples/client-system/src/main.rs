@@ -1,1 +1,43 @@
-fn main() {}
+//! `client-system`: runs the reference Client System until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use client_system::{Options, Server};
+
+/// The reference Client System (MeterIt API) that syncd delivers to.
+#[derive(Parser)]
+#[command(name = "client-system", version, about)]
+struct Cli {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The SQLite file accepted readings are stored in.
+    #[arg(long, default_value = "data/client-system.db")]
+    database: PathBuf,
+    /// The API key it accepts.
+    #[arg(long, env = "CLIENT_API_KEY", default_value = "demo-key")]
+    api_key: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let server = Server::start(
+        cli.listen,
+        Options {
+            api_key: cli.api_key,
+            database: cli.database,
+        },
+    )
+    .await?;
+    eprintln!("client-system: listening on {}", server.base_url());
+    tokio::signal::ctrl_c().await?;
+    server.stop().await;
+    Ok(())
+}

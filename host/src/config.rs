@@ -1,0 +1,622 @@
+//! `sync.toml`: the schema, `${ENV}` interpolation, path resolution and validation.
+//!
+//! A configuration is parsed, interpolated and validated as a whole before anything
+//! is built from it; any error names the file, and where the parser knows it, the line
+//! and key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or does not match the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// A value is present but wrong.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, as a dotted path, e.g. `client_system[0].base_url`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The whole of `sync.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The site this daemon runs at.
+    pub site: Site,
+    /// Where the queue is kept.
+    #[serde(default)]
+    pub database: Database,
+    /// The local HTTP API.
+    #[serde(default)]
+    pub api: Api,
+    /// Settings every Client System inherits unless it sets its own.
+    #[serde(default)]
+    pub defaults: Policy,
+    /// The Client Systems readings are delivered to.
+    #[serde(default, rename = "client_system")]
+    pub client_systems: Vec<ClientSystem>,
+    /// The folder relative paths in this file are resolved against.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The file this configuration came from.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// `[site]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// The site's id, sent with every batch and heartbeat.
+    pub id: String,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    /// `sqlite://path/to/file.db` (relative to the config file's folder) or
+    /// `postgres://…`.
+    #[serde(default = "default_database_url")]
+    pub url: String,
+    /// How hard a commit is pushed to disk.
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+            durability: Durability::default(),
+        }
+    }
+}
+
+fn default_database_url() -> String {
+    "sqlite://data/syncd.db".to_owned()
+}
+
+/// What a committed reading survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// SQLite WAL with `synchronous=NORMAL`: a committed reading survives a crash of
+    /// the process; a power cut may lose the last moments.
+    #[default]
+    Normal,
+    /// Every commit is fsynced: a committed reading also survives a power cut.
+    Full,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    /// The address the local HTTP API listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7878))
+}
+
+/// Scheduling, batching and retry settings (`[defaults]`, or per Client System).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// How often the queue is checked for readings to send (default 5m). A full batch
+    /// is sent at once without waiting for the next check.
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Readings per batch at most (default 1000).
+    pub batch_size: Option<u32>,
+    /// Retries of a batch after its first attempt (default 5) before it goes to dead
+    /// letters.
+    pub max_retries: Option<u32>,
+    /// The delay between retries.
+    pub backoff: Option<BackoffConfig>,
+    /// Deadline of one request to the Client System (default 30s).
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// How often connectivity is probed (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub connectivity_check: Option<Duration>,
+    /// How often a heartbeat is sent (default 5m).
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
+}
+
+/// Exponential backoff: `initial * multiplier^(retry-1)`, at most `max`, each delay
+/// moved at random by up to `jitter` (a fraction) either way.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// The first delay (default 2s).
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    /// The longest delay (default 32s).
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub max: Duration,
+    /// Growth per retry (default 2.0).
+    #[serde(default = "default_backoff_multiplier")]
+    pub multiplier: f64,
+    /// Random spread, a fraction from 0 to 1 (default 0.2).
+    #[serde(default = "default_backoff_jitter")]
+    pub jitter: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+            multiplier: default_backoff_multiplier(),
+            jitter: default_backoff_jitter(),
+        }
+    }
+}
+
+fn default_backoff_initial() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(32)
+}
+fn default_backoff_multiplier() -> f64 {
+    2.0
+}
+fn default_backoff_jitter() -> f64 {
+    0.2
+}
+
+/// `[[client_system]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSystem {
+    /// A unique name, used in logs, status and the queue's progress records.
+    pub name: String,
+    /// Every request of its plugins must be under this URL.
+    pub base_url: String,
+    /// The API key, handed to the transport as the secret "api-key". Use
+    /// `${VARIABLE}`, or set `SYNCD_<NAME>_API_KEY`, rather than writing it here.
+    pub api_key: Option<String>,
+    /// The encoder component (relative to the config file's folder).
+    pub encoder: PathBuf,
+    /// The transport component (relative to the config file's folder).
+    pub transport: PathBuf,
+    /// Free-form settings handed to both plugins.
+    #[serde(default)]
+    pub plugin: toml::Table,
+    /// Overrides of `[defaults]`.
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Overrides `[defaults] batch_size`.
+    pub batch_size: Option<u32>,
+    /// Overrides `[defaults] max_retries`.
+    pub max_retries: Option<u32>,
+    /// Overrides `[defaults] backoff`.
+    pub backoff: Option<BackoffConfig>,
+    /// Overrides `[defaults] request_timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Overrides `[defaults] connectivity_check`.
+    #[serde(default, with = "humantime_serde")]
+    pub connectivity_check: Option<Duration>,
+    /// Overrides `[defaults] heartbeat`.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
+}
+
+/// The settings in force for one Client System: its own, else `[defaults]`, else
+/// the built-in defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EffectivePolicy {
+    /// See [`Policy::interval`].
+    pub interval: Duration,
+    /// See [`Policy::batch_size`].
+    pub batch_size: u32,
+    /// See [`Policy::max_retries`].
+    pub max_retries: u32,
+    /// See [`Policy::backoff`].
+    pub backoff: BackoffConfig,
+    /// See [`Policy::request_timeout`].
+    pub request_timeout: Duration,
+    /// See [`Policy::connectivity_check`].
+    pub connectivity_check: Duration,
+    /// See [`Policy::heartbeat`].
+    pub heartbeat: Duration,
+}
+
+impl ClientSystem {
+    /// The settings in force for this Client System.
+    pub fn policy(&self, defaults: &Policy) -> EffectivePolicy {
+        EffectivePolicy {
+            interval: self
+                .interval
+                .or(defaults.interval)
+                .unwrap_or(Duration::from_secs(300)),
+            batch_size: self.batch_size.or(defaults.batch_size).unwrap_or(1000),
+            max_retries: self.max_retries.or(defaults.max_retries).unwrap_or(5),
+            backoff: self
+                .backoff
+                .clone()
+                .or_else(|| defaults.backoff.clone())
+                .unwrap_or_default(),
+            request_timeout: self
+                .request_timeout
+                .or(defaults.request_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+            connectivity_check: self
+                .connectivity_check
+                .or(defaults.connectivity_check)
+                .unwrap_or(Duration::from_secs(60)),
+            heartbeat: self
+                .heartbeat
+                .or(defaults.heartbeat)
+                .unwrap_or(Duration::from_secs(300)),
+        }
+    }
+
+    /// The `[plugin]` table as the `settings` host import serves it: strings as they
+    /// are, anything else as JSON text.
+    pub fn plugin_settings(&self) -> BTreeMap<String, String> {
+        self.plugin
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => serde_json::to_string(other).unwrap_or_else(|_| other.to_string()),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+}
+
+/// Upper bound of `batch_size`: a batch is one request and one transaction.
+pub const MAX_BATCH_SIZE: u32 = 100_000;
+
+impl Config {
+    /// Reads, parses, interpolates and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses a configuration's text. `path` names it in errors and gives the folder
+    /// relative paths are resolved against; `env` looks up `${VARIABLE}`s.
+    pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut config: Config = toml::from_str(text).map_err(|e| Error::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        config.path = path.to_owned();
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.interpolate(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Replaces `${VARIABLE}` in every string value, and applies the
+    /// `SYNCD_<NAME>_API_KEY` overrides.
+    fn interpolate(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        let path = self.path.clone();
+        let sub = |key: &str, value: &mut String| -> Result<()> {
+            *value = interpolate(value, env).map_err(|message| Error::Invalid {
+                path: path.clone(),
+                key: key.to_owned(),
+                message,
+            })?;
+            Ok(())
+        };
+        sub("site.id", &mut self.site.id)?;
+        sub("database.url", &mut self.database.url)?;
+        for (i, cs) in self.client_systems.iter_mut().enumerate() {
+            sub(&format!("client_system[{i}].name"), &mut cs.name)?;
+            sub(&format!("client_system[{i}].base_url"), &mut cs.base_url)?;
+            if let Some(key) = &mut cs.api_key {
+                sub(&format!("client_system[{i}].api_key"), key)?;
+            }
+            if let Some(key) = env(&api_key_variable(&cs.name)) {
+                cs.api_key = Some(key);
+            }
+            for field in ["encoder", "transport"] {
+                let p = if field == "encoder" {
+                    &mut cs.encoder
+                } else {
+                    &mut cs.transport
+                };
+                let mut s = p.to_string_lossy().into_owned();
+                sub(&format!("client_system[{i}].{field}"), &mut s)?;
+                *p = PathBuf::from(s);
+            }
+            for (k, v) in cs.plugin.iter_mut() {
+                if let toml::Value::String(s) = v {
+                    sub(&format!("client_system[{i}].plugin.{k}"), s)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |key: String, message: String| Error::Invalid {
+            path: self.path.clone(),
+            key,
+            message,
+        };
+        if self.site.id.trim().is_empty() {
+            return Err(invalid("site.id".into(), "must not be empty".into()));
+        }
+        check_policy(&self.defaults).map_err(|(k, m)| invalid(format!("defaults.{k}"), m))?;
+        let mut names = std::collections::HashSet::new();
+        for (i, cs) in self.client_systems.iter().enumerate() {
+            let key = |field: &str| format!("client_system[{i}].{field}");
+            if cs.name.trim().is_empty() {
+                return Err(invalid(key("name"), "must not be empty".into()));
+            }
+            if !names.insert(cs.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("\"{}\" is used by two client systems", cs.name),
+                ));
+            }
+            let url = reqwest::Url::parse(&cs.base_url)
+                .map_err(|e| invalid(key("base_url"), format!("\"{}\": {e}", cs.base_url)))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    key("base_url"),
+                    format!("\"{}\": only http and https are supported", cs.base_url),
+                ));
+            }
+            let own = Policy {
+                interval: cs.interval,
+                batch_size: cs.batch_size,
+                max_retries: cs.max_retries,
+                backoff: cs.backoff.clone(),
+                request_timeout: cs.request_timeout,
+                connectivity_check: cs.connectivity_check,
+                heartbeat: cs.heartbeat,
+            };
+            check_policy(&own).map_err(|(k, m)| invalid(key(k), m))?;
+        }
+        Ok(())
+    }
+
+    /// A Client System's encoder or transport path, resolved against the config
+    /// file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+/// The environment variable that overrides a Client System's `api_key`:
+/// `SYNCD_<NAME>_API_KEY`, the name upper-cased with anything not alphanumeric as `_`.
+pub fn api_key_variable(client_system: &str) -> String {
+    let name: String = client_system
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("SYNCD_{name}_API_KEY")
+}
+
+fn check_policy(p: &Policy) -> std::result::Result<(), (&'static str, String)> {
+    if let Some(size) = p.batch_size {
+        if size == 0 || size > MAX_BATCH_SIZE {
+            return Err((
+                "batch_size",
+                format!("{size}: must be 1 to {MAX_BATCH_SIZE}"),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("interval", p.interval),
+        ("request_timeout", p.request_timeout),
+        ("connectivity_check", p.connectivity_check),
+        ("heartbeat", p.heartbeat),
+    ] {
+        if value.is_some_and(|d| d.is_zero()) {
+            return Err((key, "must be longer than zero".into()));
+        }
+    }
+    if let Some(b) = &p.backoff {
+        if b.initial.is_zero() || b.max < b.initial {
+            return Err((
+                "backoff",
+                "initial must be above zero and max at least initial".into(),
+            ));
+        }
+        if !(b.multiplier >= 1.0 && b.multiplier.is_finite()) {
+            return Err((
+                "backoff.multiplier",
+                format!("{}: must be 1 or more", b.multiplier),
+            ));
+        }
+        if !(0.0..=1.0).contains(&b.jitter) {
+            return Err((
+                "backoff.jitter",
+                format!("{}: must be from 0 to 1", b.jitter),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Replaces each `${NAME}` with the variable's value; `$${` stands for a literal `${`.
+fn interpolate(
+    value: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> std::result::Result<String, String> {
+    if !value.contains("${") {
+        return Ok(value.to_owned());
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find("${") {
+        if rest[..at].ends_with('$') {
+            out.push_str(&rest[..at - 1]);
+            out.push_str("${");
+            rest = &rest[at + 2..];
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed \"${{\" in \"{value}\""))?;
+        let name = &after[..end];
+        if name.is_empty() {
+            return Err("empty variable name in \"${}\"".into());
+        }
+        let resolved =
+            env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&resolved);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[site]
+id = "site-001"
+[[client_system]]
+name = "meterit"
+base_url = "http://127.0.0.1:8080/api"
+api_key = "${KEY}"
+encoder = "e.wasm"
+transport = "t.wasm"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "KEY").then(|| "secret".to_owned())
+    }
+
+    #[test]
+    fn interpolates_and_applies_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/syncd/sync.toml"), &env).unwrap();
+        assert_eq!(c.client_systems[0].api_key.as_deref(), Some("secret"));
+        let p = c.client_systems[0].policy(&c.defaults);
+        assert_eq!(p.batch_size, 1000);
+        assert_eq!(p.max_retries, 5);
+        assert_eq!(p.interval, Duration::from_secs(300));
+        assert_eq!(
+            c.resolve(&c.client_systems[0].encoder),
+            PathBuf::from("/etc/syncd/e.wasm")
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = MINIMAL.replace("encoder =", "encodr = \"x\"\nencoder =");
+        let err = Config::parse(&text, Path::new("sync.toml"), &env).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("encodr"), "{msg}");
+        assert!(msg.contains("line 8"), "{msg}");
+    }
+
+    #[test]
+    fn missing_variable_is_named() {
+        let err = Config::parse(MINIMAL, Path::new("sync.toml"), &|_| None).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("client_system[0].api_key"), "{msg}");
+        assert!(msg.contains("KEY is not set"), "{msg}");
+    }
+
+    #[test]
+    fn per_client_system_override_wins() {
+        let text = format!("[defaults]\nbatch_size = 10\n{MINIMAL}\nbatch_size = 7\n");
+        let c = Config::parse(&text, Path::new("sync.toml"), &env).unwrap();
+        assert_eq!(c.client_systems[0].policy(&c.defaults).batch_size, 7);
+        let text = format!("[defaults]\nbatch_size = 10\n{MINIMAL}");
+        let c = Config::parse(&text, Path::new("sync.toml"), &env).unwrap();
+        assert_eq!(c.client_systems[0].policy(&c.defaults).batch_size, 10);
+    }
+
+    #[test]
+    fn environment_overrides_api_key() {
+        let env = |name: &str| match name {
+            "KEY" => Some("from-file".to_owned()),
+            "SYNCD_METERIT_API_KEY" => Some("from-env".to_owned()),
+            _ => None,
+        };
+        let c = Config::parse(MINIMAL, Path::new("sync.toml"), &env).unwrap();
+        assert_eq!(c.client_systems[0].api_key.as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, key) in [
+            (MINIMAL.replace("http://127", "ftp://127"), "base_url"),
+            (format!("{MINIMAL}batch_size = 0\n"), "batch_size"),
+            (format!("{MINIMAL}interval = \"0s\"\n"), "interval"),
+        ] {
+            let err = Config::parse(&text, Path::new("sync.toml"), &env).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn dollar_escape_is_literal() {
+        assert_eq!(interpolate("a$${B}", &|_| None).unwrap(), "a${B}");
+    }
+}

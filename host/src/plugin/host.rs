@@ -1,0 +1,309 @@
+//! The host side of the plugin imports: `http`, `log` and `settings`, and the store
+//! data every plugin instance runs with.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{http, log, settings, types};
+
+/// Largest response body handed to a plugin.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Longest log line a plugin may write; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// What the plugins of one Client System may know and reach.
+#[derive(Debug)]
+pub struct PluginContext {
+    /// The site's id.
+    pub site_id: String,
+    /// The Client System's name.
+    pub client_system: String,
+    /// Every request must be under this URL (always ends with '/').
+    pub base_url: Url,
+    /// The `[plugin]` table, as `settings.get` serves it.
+    pub settings: BTreeMap<String, String>,
+    /// The secret "api-key".
+    pub api_key: Option<String>,
+    /// The HTTP client requests go through.
+    pub http: reqwest::Client,
+    /// Deadline of one request.
+    pub request_timeout: Duration,
+}
+
+impl PluginContext {
+    /// A context for `client_system`, whose plugins may only reach `base_url`.
+    pub fn new(
+        site_id: &str,
+        client_system: &str,
+        base_url: &str,
+        settings: BTreeMap<String, String>,
+        api_key: Option<String>,
+        request_timeout: Duration,
+        http: reqwest::Client,
+    ) -> anyhow::Result<Self> {
+        let mut base = Url::parse(base_url)
+            .map_err(|e| anyhow::anyhow!("invalid base_url \"{base_url}\": {e}"))?;
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        base.set_query(None);
+        base.set_fragment(None);
+        Ok(Self {
+            site_id: site_id.to_owned(),
+            client_system: client_system.to_owned(),
+            base_url: base,
+            settings,
+            api_key,
+            http,
+            request_timeout,
+        })
+    }
+
+    /// Resolves a plugin's request URL, refusing anything outside `base_url`.
+    pub fn resolve_url(&self, target: &str) -> Result<Url, String> {
+        let url = if target.starts_with("http://") || target.starts_with("https://") {
+            Url::parse(target)
+        } else {
+            self.base_url.join(target.trim_start_matches('/'))
+        }
+        .map_err(|e| format!("\"{target}\": {e}"))?;
+        let base = self.base_url.as_str();
+        let inside = url.as_str().starts_with(base)
+            || url.as_str() == base.trim_end_matches('/')
+            || url
+                .as_str()
+                .strip_prefix(base.trim_end_matches('/'))
+                .is_some_and(|r| r.starts_with('?'));
+        if inside {
+            Ok(url)
+        } else {
+            Err(format!(
+                "{url} is outside the client system's base_url {base}"
+            ))
+        }
+    }
+}
+
+/// The data of one plugin instance's store.
+pub struct PluginState {
+    pub(super) context: Arc<PluginContext>,
+    /// The plugin's name, for log lines.
+    pub(super) plugin: String,
+    pub(super) limits: StoreLimits,
+    /// WASI with nothing granted: no files, no sockets, no environment.
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl PluginState {
+    pub(super) fn new(context: Arc<PluginContext>, plugin: String, limits: StoreLimits) -> Self {
+        Self {
+            context,
+            plugin,
+            limits,
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl http::Host for PluginState {
+    async fn send(&mut self, req: http::Request) -> Result<http::Response, http::HttpError> {
+        let context = Arc::clone(&self.context);
+        let result = send(&context, req).await;
+        if let Err(error) = &result {
+            tracing::debug!(
+                client_system = %context.client_system,
+                plugin = %self.plugin,
+                ?error,
+                "plugin request failed"
+            );
+        }
+        result
+    }
+}
+
+async fn send(
+    context: &PluginContext,
+    req: http::Request,
+) -> Result<http::Response, http::HttpError> {
+    use http::HttpError;
+
+    let url = context
+        .resolve_url(&req.url)
+        .map_err(HttpError::NotAllowed)?;
+    let method = reqwest::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| HttpError::Other(format!("invalid method \"{}\"", req.method)))?;
+    let mut builder = context
+        .http
+        .request(method, url)
+        .timeout(context.request_timeout)
+        .body(req.body);
+    for (name, value) in req.headers {
+        builder = builder.header(name, value);
+    }
+    let mut response = builder.send().await.map_err(classify)?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(HttpError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(http::Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn classify(error: reqwest::Error) -> http::HttpError {
+    if error.is_timeout() {
+        http::HttpError::Timeout
+    } else if error.is_connect() {
+        http::HttpError::Connect(error_chain(&error))
+    } else {
+        http::HttpError::Other(error_chain(&error))
+    }
+}
+
+/// An error with its causes, e.g. "error sending request: connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl log::Host for PluginState {
+    fn write(&mut self, level: log::Level, message: String) {
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let cs = &self.context.client_system;
+        let plugin = &self.plugin;
+        match level {
+            log::Level::Trace => tracing::trace!(client_system = %cs, %plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(client_system = %cs, %plugin, "{message}"),
+            log::Level::Info => tracing::info!(client_system = %cs, %plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(client_system = %cs, %plugin, "{message}"),
+            log::Level::Error => tracing::error!(client_system = %cs, %plugin, "{message}"),
+        }
+    }
+}
+
+impl settings::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.context.settings.get(&key).cloned()
+    }
+
+    fn all(&mut self) -> Vec<(String, String)> {
+        self.context
+            .settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn secret(&mut self, name: String) -> Option<String> {
+        match name.as_str() {
+            "api-key" => self.context.api_key.clone(),
+            _ => None,
+        }
+    }
+
+    fn site_id(&mut self) -> String {
+        self.context.site_id.clone()
+    }
+
+    fn client_system(&mut self) -> String {
+        self.context.client_system.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(base: &str) -> PluginContext {
+        PluginContext::new(
+            "site",
+            "cs",
+            base,
+            BTreeMap::new(),
+            None,
+            Duration::from_secs(1),
+            reqwest::Client::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn urls_are_confined_to_base_url() {
+        let c = context("http://127.0.0.1:8080/api");
+        for ok in [
+            "readings/batch",
+            "/readings/batch",
+            "readings/batch?x=1",
+            "http://127.0.0.1:8080/api/health",
+            "http://127.0.0.1:8080/api",
+        ] {
+            let url = c.resolve_url(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(
+                url.as_str().starts_with("http://127.0.0.1:8080/api"),
+                "{url}"
+            );
+        }
+        for bad in [
+            "../admin",
+            "/../../etc",
+            "http://127.0.0.1:8080/apix",
+            "http://127.0.0.1:8080/other",
+            "http://127.0.0.2:8080/api/x",
+            "https://127.0.0.1:8080/api/x",
+            "http://user@127.0.0.1:8080/api/x",
+        ] {
+            assert!(c.resolve_url(bad).is_err(), "{bad} was allowed");
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! WebAssembly plugins: the bindings of the WIT package, the host imports, and the
+//! engine that loads, checks and calls components within their limits.
+pub mod bindings;
+pub mod host;
+pub mod runtime;
+
+pub use host::PluginContext;
+pub use runtime::{CallError, EncoderPlugin, PluginEngine, TransportPlugin};

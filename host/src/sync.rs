@@ -1,0 +1,343 @@
+//! One worker per Client System: schedule, batch, encode, upload, retry.
+//!
+//! A worker wakes every `interval` (or when triggered) and drains: it re-sends the
+//! pending batch if there is one (when it is due, or at once when triggered), else
+//! records a new batch of up to `batch_size` readings, until nothing is left to send.
+//! Every attempt is logged to `sync_log` in the same transaction that records its
+//! effect on the batch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::clock::now_ms;
+use crate::config::{BackoffConfig, EffectivePolicy};
+use crate::plugin::bindings::{UploadOutcome, types};
+use crate::plugin::{CallError, EncoderPlugin, TransportPlugin};
+use crate::queue::{Attempt, Batch, Queue, QueuedReading};
+
+/// How long a worker waits before trying again after the database failed it.
+const DATABASE_RETRY: Duration = Duration::from_secs(5);
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Delivered and acknowledged.
+    Accepted,
+    /// A passing failure: try again after the backoff (or after the delay asked for).
+    Retry {
+        /// Why.
+        reason: String,
+        /// The delay the Client System asked for.
+        delay: Option<Duration>,
+    },
+    /// The credentials are refused even after re-authenticating. Not the batch's
+    /// fault: retried after the backoff without using up its retries.
+    Unauthorized(String),
+    /// Refused for good: dead letters.
+    Rejected(String),
+}
+
+impl Verdict {
+    fn label(&self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::Retry { .. } => "retry",
+            Verdict::Unauthorized(_) => "unauthorized",
+            Verdict::Rejected(_) => "rejected",
+        }
+    }
+
+    fn error(&self) -> Option<String> {
+        match self {
+            Verdict::Accepted => None,
+            Verdict::Retry { reason, .. } => Some(reason.clone()),
+            Verdict::Unauthorized(reason) | Verdict::Rejected(reason) => Some(reason.clone()),
+        }
+    }
+}
+
+/// The delay before retry number `retry` (1 for the first retry): `initial *
+/// multiplier^(retry-1)`, at most `max`, spread by up to ±`jitter`. `unit` is a
+/// number from 0 to 1 that places the delay within the spread (random in service).
+pub fn backoff_delay(backoff: &BackoffConfig, retry: u32, unit: f64) -> Duration {
+    let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+    let base = backoff.initial.as_secs_f64() * backoff.multiplier.powi(exponent);
+    let capped = base.min(backoff.max.as_secs_f64());
+    let spread = 1.0 + backoff.jitter * (unit.clamp(0.0, 1.0) * 2.0 - 1.0);
+    Duration::from_secs_f64((capped * spread).max(0.0))
+}
+
+/// Delivers readings to one Client System.
+pub struct Worker {
+    /// The Client System's name.
+    pub name: String,
+    /// The site's id.
+    pub site_id: String,
+    /// Its settings.
+    pub policy: EffectivePolicy,
+    /// The queue.
+    pub queue: Queue,
+    /// Its encoder.
+    pub encoder: EncoderPlugin,
+    /// Its transport.
+    pub transport: TransportPlugin,
+    /// Every configured Client System (a reading is deleted once all are done with it).
+    pub all_client_systems: Arc<Vec<String>>,
+    /// Notified to sync now.
+    pub trigger: Arc<Notify>,
+}
+
+/// Why a wait ended.
+enum Wake {
+    Elapsed,
+    Triggered,
+    Shutdown,
+}
+
+/// Waits for `pause`, a trigger, or shutdown, whichever comes first.
+async fn wait(trigger: &Notify, pause: Duration, shutdown: &mut watch::Receiver<bool>) -> Wake {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => Wake::Elapsed,
+        _ = trigger.notified() => Wake::Triggered,
+        _ = shutdown.changed() => Wake::Shutdown,
+    }
+}
+
+impl Worker {
+    /// Runs until `shutdown` turns true. The batch in flight then is finished (within
+    /// its deadline) or, if the task is dropped, re-sent after the restart.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let span = info_span!("worker", client_system = %self.name);
+        async move {
+            info!(
+                encoder = %self.encoder.info().name,
+                transport = %self.transport.info().name,
+                interval = ?self.policy.interval,
+                "worker started"
+            );
+            loop {
+                let pause = match self.drain(&mut shutdown).await {
+                    Ok(()) => self.policy.interval,
+                    Err(error) => {
+                        warn!("sync stopped by an error, will try again: {error:#}");
+                        DATABASE_RETRY
+                    }
+                };
+                if *shutdown.borrow() {
+                    break;
+                }
+                let trigger = Arc::clone(&self.trigger);
+                if let Wake::Shutdown = wait(&trigger, pause, &mut shutdown).await {
+                    break;
+                }
+            }
+            info!("worker stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends batches until none is left, or the pending one is waiting for its retry
+    /// time and `shutdown` comes first.
+    async fn drain(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if let Some(batch) = self.queue.pending_batch(&self.name).await? {
+                let wait_ms = batch.next_attempt_at_ms - now_ms();
+                if wait_ms > 0 {
+                    let pause = Duration::from_millis(wait_ms as u64);
+                    debug!(batch_id = %batch.id, ?pause, "waiting to retry");
+                    let trigger = Arc::clone(&self.trigger);
+                    if let Wake::Shutdown = wait(&trigger, pause, shutdown).await {
+                        return Ok(());
+                    }
+                }
+                let readings = self.queue.batch_readings(&batch).await?;
+                self.attempt(batch, readings).await?;
+            } else if let Some((batch, readings)) = self
+                .queue
+                .new_batch(&self.name, self.policy.batch_size)
+                .await?
+            {
+                self.attempt(batch, readings).await?;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One attempt at a batch, and its consequence in the queue.
+    async fn attempt(&mut self, batch: Batch, readings: Vec<QueuedReading>) -> Result<()> {
+        let span = info_span!("batch", batch_id = %batch.id, attempt = batch.attempts + 1);
+        self.attempt_in_span(batch, readings).instrument(span).await
+    }
+
+    async fn attempt_in_span(&mut self, batch: Batch, readings: Vec<QueuedReading>) -> Result<()> {
+        let number = batch.attempts + 1;
+        let started_at_ms = now_ms();
+        let clock = Instant::now();
+        let verdict = if readings.is_empty() {
+            // Every reading of the range was deleted behind syncd's back (by an
+            // operator): there is nothing left to deliver.
+            Verdict::Accepted
+        } else {
+            self.deliver(&batch, number, readings).await
+        };
+        let attempt = Attempt {
+            client_system: self.name.clone(),
+            batch_id: batch.id.clone(),
+            attempt: number,
+            started_at_ms,
+            duration_ms: clock.elapsed().as_millis() as i64,
+            reading_count: batch.reading_count,
+            outcome: verdict.label(),
+            error: verdict.error(),
+        };
+        match verdict {
+            Verdict::Accepted => {
+                let pruned = self
+                    .queue
+                    .acknowledge(&batch, attempt, &self.all_client_systems)
+                    .await?;
+                info!(
+                    readings = batch.reading_count,
+                    pruned,
+                    ms = clock.elapsed().as_millis() as u64,
+                    "batch delivered"
+                );
+            }
+            Verdict::Rejected(reason) => {
+                warn!(%reason, "batch rejected: moved to dead letters");
+                self.queue.dead_letter(&batch, attempt, &reason).await?;
+            }
+            Verdict::Retry { reason, delay } => {
+                let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
+                if retries_used > self.policy.max_retries {
+                    let reason =
+                        format!("out of retries after {number} attempts; last error: {reason}");
+                    warn!(%reason, "batch moved to dead letters");
+                    self.queue.dead_letter(&batch, attempt, &reason).await?;
+                } else {
+                    let backoff =
+                        backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
+                    let pause = delay.map_or(backoff, |asked| asked.max(backoff));
+                    warn!(%reason, retry_in = ?pause, "batch not delivered, will retry");
+                    let at = now_ms() + pause.as_millis() as i64;
+                    self.queue.schedule_retry(&batch, attempt, at).await?;
+                }
+            }
+            Verdict::Unauthorized(reason) => {
+                let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
+                let pause = backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
+                warn!(%reason, retry_in = ?pause, "credentials refused, will retry");
+                let at = now_ms() + pause.as_millis() as i64;
+                self.queue.schedule_retry(&batch, attempt, at).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes and uploads; never fails: every failure is a verdict.
+    async fn deliver(
+        &mut self,
+        batch: &Batch,
+        number: i32,
+        readings: Vec<QueuedReading>,
+    ) -> Verdict {
+        let info = types::BatchInfo {
+            batch_id: batch.id.clone(),
+            site_id: self.site_id.clone(),
+            client_system: self.name.clone(),
+            attempt: u32::try_from(number).unwrap_or(u32::MAX),
+        };
+        let readings: Vec<types::Reading> = readings.into_iter().map(into_wit).collect();
+        let encoded = match self.encoder.encode(&info, &readings).await {
+            Ok(Ok(encoded)) => encoded,
+            Ok(Err(reason)) => {
+                return Verdict::Rejected(format!("encoder refused the batch: {reason}"));
+            }
+            Err(error) => return plugin_failure("encoder", error),
+        };
+        drop(readings);
+        match self.upload(&info, &encoded).await {
+            Verdict::Unauthorized(reason) => {
+                debug!(%reason, "unauthorized: authenticating again");
+                match self.transport.authenticate().await {
+                    Ok(Ok(())) => match self.upload(&info, &encoded).await {
+                        Verdict::Unauthorized(reason) => Verdict::Unauthorized(format!(
+                            "refused again after authenticating: {reason}"
+                        )),
+                        other => other,
+                    },
+                    Ok(Err(reason)) => {
+                        Verdict::Unauthorized(format!("authentication failed: {reason}"))
+                    }
+                    Err(error) => plugin_failure("transport", error),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn upload(&mut self, info: &types::BatchInfo, encoded: &types::EncodedBatch) -> Verdict {
+        match self.transport.upload(info, encoded).await {
+            Ok(UploadOutcome::Accepted) => Verdict::Accepted,
+            Ok(UploadOutcome::RetryLater(retry)) => Verdict::Retry {
+                reason: retry.reason,
+                delay: retry.delay_ms.map(Duration::from_millis),
+            },
+            Ok(UploadOutcome::Rejected(reason)) => Verdict::Rejected(reason),
+            Ok(UploadOutcome::Unauthorized(reason)) => Verdict::Unauthorized(reason),
+            Err(error) => plugin_failure("transport", error),
+        }
+    }
+}
+
+/// A plugin that trapped or overran its deadline: the batch is kept and retried; the
+/// plugin gets a fresh instance.
+fn plugin_failure(which: &str, error: CallError) -> Verdict {
+    Verdict::Retry {
+        reason: format!("{which} failed: {error}"),
+        delay: None,
+    }
+}
+
+fn into_wit(r: QueuedReading) -> types::Reading {
+    types::Reading {
+        id: r.id as u64,
+        meter_id: r.reading.meter_id,
+        channel: r.reading.channel,
+        timestamp_ms: r.reading.timestamp_ms,
+        value: r.reading.value,
+        unit: r.reading.unit,
+        quality: r.reading.quality,
+        attributes: r.reading.attributes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_backoff_is_2_4_8_16_32_seconds() {
+        let b = BackoffConfig::default();
+        let delays: Vec<u64> = (1..=6)
+            .map(|n| backoff_delay(&b, n, 0.5).as_secs())
+            .collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 32]);
+    }
+
+    #[test]
+    fn jitter_spreads_within_bounds() {
+        let b = BackoffConfig::default();
+        assert_eq!(backoff_delay(&b, 1, 0.0), Duration::from_secs_f64(1.6));
+        assert_eq!(backoff_delay(&b, 1, 1.0), Duration::from_secs_f64(2.4));
+    }
+}
