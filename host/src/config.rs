@@ -343,7 +343,7 @@ impl Config {
     }
 
     /// Replaces `${VARIABLE}` in every string value, and applies the
-    /// `SYNCD_<NAME>_API_KEY` overrides.
+    /// `SYNCD_DATABASE_URL` and `SYNCD_<NAME>_API_KEY` overrides.
     fn interpolate(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         let path = self.path.clone();
         let sub = |key: &str, value: &mut String| -> Result<()> {
@@ -355,6 +355,9 @@ impl Config {
             Ok(())
         };
         sub("site.id", &mut self.site.id)?;
+        if let Some(url) = env(DATABASE_URL_VARIABLE) {
+            self.database.url = url;
+        }
         sub("database.url", &mut self.database.url)?;
         for (i, cs) in self.client_systems.iter_mut().enumerate() {
             sub(&format!("client_system[{i}].name"), &mut cs.name)?;
@@ -439,6 +442,9 @@ impl Config {
     }
 }
 
+/// The environment variable that overrides `[database] url`.
+pub const DATABASE_URL_VARIABLE: &str = "SYNCD_DATABASE_URL";
+
 /// The environment variable that overrides a Client System's `api_key`:
 /// `SYNCD_<NAME>_API_KEY`, the name upper-cased with anything not alphanumeric as `_`.
 pub fn api_key_variable(client_system: &str) -> String {
@@ -456,13 +462,11 @@ pub fn api_key_variable(client_system: &str) -> String {
 }
 
 fn check_policy(p: &Policy) -> std::result::Result<(), (&'static str, String)> {
-    if let Some(size) = p.batch_size {
-        if size == 0 || size > MAX_BATCH_SIZE {
-            return Err((
-                "batch_size",
-                format!("{size}: must be 1 to {MAX_BATCH_SIZE}"),
-            ));
-        }
+    if let Some(size) = p.batch_size.filter(|&s| s == 0 || s > MAX_BATCH_SIZE) {
+        return Err((
+            "batch_size",
+            format!("{size}: must be 1 to {MAX_BATCH_SIZE}"),
+        ));
     }
     for (key, value) in [
         ("interval", p.interval),

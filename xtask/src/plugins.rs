@@ -107,10 +107,9 @@ fn plugin_crates(plugins_dir: &Path) -> Result<Vec<String>> {
         .with_context(|| format!("failed to list {}", plugins_dir.display()))?
     {
         let path = entry?.path();
-        if path.join("Cargo.toml").is_file() {
-            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-                names.push(name.replace('-', "_"));
-            }
+        let name = path.file_name().and_then(|n| n.to_str());
+        if let (true, Some(name)) = (path.join("Cargo.toml").is_file(), name) {
+            names.push(name.replace('-', "_"));
         }
     }
     names.sort();

@@ -33,7 +33,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use sea_orm::{
-    ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+    TransactionTrait, Value,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -123,7 +124,9 @@ impl Server {
             std::fs::create_dir_all(parent)?;
         }
         let url = format!("sqlite://{}?mode=rwc", options.database.display());
-        let db = Database::connect(&url)
+        let mut connect = ConnectOptions::new(url.clone());
+        connect.sqlx_logging(false);
+        let db = Database::connect(connect)
             .await
             .with_context(|| format!("cannot open {url}"))?;
         for sql in [
@@ -274,10 +277,8 @@ async fn upload(
         let status =
             StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = error(status, "injected fault");
-        if let Some(seconds) = fault.retry_after {
-            if let Ok(value) = seconds.to_string().parse() {
-                response.headers_mut().insert("retry-after", value);
-            }
+        if let Some(value) = fault.retry_after.and_then(|s| s.to_string().parse().ok()) {
+            response.headers_mut().insert("retry-after", value);
         }
         return response;
     }

@@ -37,7 +37,11 @@ async fn main() -> Result<()> {
     )
     .await?;
     eprintln!("client-system: listening on {}", server.base_url());
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
     server.stop().await;
     Ok(())
 }

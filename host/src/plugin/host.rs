@@ -273,7 +273,7 @@ mod tests {
             BTreeMap::new(),
             None,
             Duration::from_secs(1),
-            reqwest::Client::new(),
+            crate::daemon::http_client().unwrap(),
         )
         .unwrap()
     }

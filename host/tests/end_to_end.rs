@@ -1,0 +1,173 @@
+//! Readings travel from the queue through the real encoder and transport components
+//! to the reference Client System on loopback.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use client_system::Fault;
+use common::{Site, eventually, readings};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reading_arrives_exactly_once_and_leaves_the_queue() {
+    let site = Site::new("batch_size = 400").await;
+    let queue = site.queue().await;
+    let sent = readings(2_345);
+    assert_eq!(queue.enqueue(&sent).await.unwrap(), 2_345);
+
+    let daemon = site.start();
+    eventually(LIMIT, "the queue to drain", || async {
+        queue.reading_count().await.unwrap() == 0
+    })
+    .await;
+    daemon.stop().await;
+
+    let stored = site.client.stored_readings().await.unwrap();
+    let mut times_seen: BTreeMap<i64, usize> = BTreeMap::new();
+    for r in &stored {
+        *times_seen.entry(r.id).or_default() += 1;
+        assert_eq!(r.site_id, "site-test");
+    }
+    assert_eq!(stored.len(), 2_345, "stored readings");
+    assert!(
+        times_seen.values().all(|&n| n == 1),
+        "a reading was stored twice"
+    );
+    // Content survived the trip: the 1000th reading, by queue order.
+    let r = &stored[999];
+    assert_eq!(r.meter_id, sent[999].meter_id);
+    assert_eq!(r.timestamp, sent[999].timestamp_ms);
+    assert_eq!(r.value, sent[999].value);
+
+    // One sync_log row per attempt: ceil(2345 / 400) = 6 batches, all accepted.
+    let log = queue.sync_log_since(0).await.unwrap();
+    assert_eq!(log.len(), 6);
+    assert!(
+        log.iter()
+            .all(|row| row.outcome == "accepted" && row.client_system == "meterit")
+    );
+    assert_eq!(log.iter().map(|r| r.reading_count).sum::<i32>(), 2_345);
+    let stats = site.client.stats().await.unwrap();
+    assert_eq!((stats.batches, stats.duplicates), (6, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_keeps_its_id_and_is_stored_once() {
+    let site = Site::new(r#"backoff = { initial = "50ms", max = "200ms" }"#).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(30)).await.unwrap();
+    site.client.inject_faults([
+        Fault {
+            status: 503,
+            ..Fault::default()
+        },
+        Fault {
+            status: 429,
+            retry_after: Some(1),
+            ..Fault::default()
+        },
+    ]);
+
+    let daemon = site.start();
+    eventually(LIMIT, "the queue to drain", || async {
+        queue.reading_count().await.unwrap() == 0
+    })
+    .await;
+    daemon.stop().await;
+
+    let log = queue.sync_log_since(0).await.unwrap();
+    let outcomes: Vec<&str> = log.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["retry", "retry", "accepted"]);
+    assert!(
+        log.iter().all(|r| r.batch_id == log[0].batch_id),
+        "the batch id changed"
+    );
+    assert_eq!(log.iter().map(|r| r.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(
+        log[0].error.as_deref().unwrap().contains("HTTP 503"),
+        "{:?}",
+        log[0].error
+    );
+    // Retry-After: 1 was honoured over the 50-200 ms backoff.
+    let gap = log[2].started_at_ms - log[1].started_at_ms;
+    assert!(
+        gap >= 1_000,
+        "retried after {gap} ms despite Retry-After: 1"
+    );
+    assert_eq!(site.client.stored_readings().await.unwrap().len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_batch_goes_to_dead_letters_with_its_readings_kept() {
+    let site = Site::new("").await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(12)).await.unwrap();
+    site.client.inject_faults([Fault {
+        status: 400,
+        ..Fault::default()
+    }]);
+
+    let daemon = site.start();
+    eventually(LIMIT, "a dead letter", || async {
+        !queue.dead_letters().await.unwrap().is_empty()
+    })
+    .await;
+    daemon.stop().await;
+
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reading_count, 12);
+    assert!(dead[0].reason.contains("HTTP 400"), "{}", dead[0].reason);
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        12,
+        "dead-lettered readings are kept"
+    );
+    assert_eq!(site.client.stats().await.unwrap().readings, 0);
+    let log = queue.sync_log_since(0).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].outcome, "rejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_leads_to_one_reauthentication_and_delivery() {
+    let site = Site::new("").await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(5)).await.unwrap();
+    site.client.inject_faults([Fault {
+        status: 401,
+        ..Fault::default()
+    }]);
+
+    let daemon = site.start();
+    eventually(LIMIT, "the queue to drain", || async {
+        queue.reading_count().await.unwrap() == 0
+    })
+    .await;
+    daemon.stop().await;
+
+    let log = queue.sync_log_since(0).await.unwrap();
+    assert_eq!(log.len(), 1, "re-authentication happens within the attempt");
+    assert_eq!(log[0].outcome, "accepted");
+    assert_eq!(site.client.stored_readings().await.unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_queued_by_another_process_are_picked_up() {
+    // `syncd enqueue` writes to the same SQLite file while the daemon runs.
+    let site = Site::new("interval = \"100ms\"").await;
+    let queue = site.queue().await;
+    let daemon = site.start();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writer = site.queue().await;
+    writer.enqueue(&readings(50)).await.unwrap();
+    eventually(LIMIT, "delivery of late readings", || async {
+        site.client.stats().await.unwrap().readings == 50
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(queue.reading_count().await.unwrap(), 0);
+}
