@@ -15,7 +15,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -207,6 +207,30 @@ fn default_backoff_jitter() -> f64 {
     0.2
 }
 
+/// A secret, such as an API key: its `Debug` output is `<redacted>`, so it cannot
+/// reach a log through a struct that holds it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// `[[client_system]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,7 +241,7 @@ pub struct ClientSystem {
     pub base_url: String,
     /// The API key, handed to the transport as the secret "api-key". Use
     /// `${VARIABLE}`, or set `SYNCD_<NAME>_API_KEY`, rather than writing it here.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// The encoder component (relative to the config file's folder).
     pub encoder: PathBuf,
     /// The transport component (relative to the config file's folder).
@@ -363,10 +387,10 @@ impl Config {
             sub(&format!("client_system[{i}].name"), &mut cs.name)?;
             sub(&format!("client_system[{i}].base_url"), &mut cs.base_url)?;
             if let Some(key) = &mut cs.api_key {
-                sub(&format!("client_system[{i}].api_key"), key)?;
+                sub(&format!("client_system[{i}].api_key"), &mut key.0)?;
             }
             if let Some(key) = env(&api_key_variable(&cs.name)) {
-                cs.api_key = Some(key);
+                cs.api_key = Some(Secret(key));
             }
             for field in ["encoder", "transport"] {
                 let p = if field == "encoder" {
@@ -558,7 +582,12 @@ transport = "t.wasm"
     #[test]
     fn interpolates_and_applies_defaults() {
         let c = Config::parse(MINIMAL, Path::new("/etc/syncd/sync.toml"), &env).unwrap();
-        assert_eq!(c.client_systems[0].api_key.as_deref(), Some("secret"));
+        let key = c.client_systems[0].api_key.as_ref().map(Secret::expose);
+        assert_eq!(key, Some("secret"));
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "the key shows in Debug output"
+        );
         let p = c.client_systems[0].policy(&c.defaults);
         assert_eq!(p.batch_size, 1000);
         assert_eq!(p.max_retries, 5);
@@ -604,7 +633,8 @@ transport = "t.wasm"
             _ => None,
         };
         let c = Config::parse(MINIMAL, Path::new("sync.toml"), &env).unwrap();
-        assert_eq!(c.client_systems[0].api_key.as_deref(), Some("from-env"));
+        let key = c.client_systems[0].api_key.as_ref().map(Secret::expose);
+        assert_eq!(key, Some("from-env"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{http, log, settings, types};
+use crate::config::Secret;
 
 /// Largest response body handed to a plugin.
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -30,7 +31,7 @@ pub struct PluginContext {
     /// The `[plugin]` table, as `settings.get` serves it.
     pub settings: BTreeMap<String, String>,
     /// The secret "api-key".
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// The HTTP client requests go through.
     pub http: reqwest::Client,
     /// Deadline of one request.
@@ -44,7 +45,7 @@ impl PluginContext {
         client_system: &str,
         base_url: &str,
         settings: BTreeMap<String, String>,
-        api_key: Option<String>,
+        api_key: Option<Secret>,
         request_timeout: Duration,
         http: reqwest::Client,
     ) -> anyhow::Result<Self> {
@@ -247,7 +248,7 @@ impl settings::Host for PluginState {
 
     fn secret(&mut self, name: String) -> Option<String> {
         match name.as_str() {
-            "api-key" => self.context.api_key.clone(),
+            "api-key" => self.context.api_key.as_ref().map(|k| k.expose().to_owned()),
             _ => None,
         }
     }
