@@ -113,6 +113,7 @@ impl PluginEngine {
             engine: self.engine.clone(),
             pre,
             context,
+            deadline: ENCODE_DEADLINE,
             info: placeholder_info(path),
             instance: None,
         };
@@ -219,6 +220,7 @@ pub struct EncoderPlugin {
     engine: Engine,
     pre: EncoderPre<PluginState>,
     context: Arc<PluginContext>,
+    deadline: Duration,
     info: types::PluginInfo,
     instance: Option<(Store<PluginState>, Encoder)>,
 }
@@ -246,13 +248,16 @@ impl EncoderPlugin {
         Ok(self.instance.as_mut().expect("instance was just made"))
     }
 
+    /// Sets the deadline of each call (default [`ENCODE_DEADLINE`]).
+    pub fn set_deadline(&mut self, deadline: Duration) {
+        self.deadline = deadline;
+    }
+
     async fn describe(&mut self) -> Result<types::PluginInfo, CallError> {
+        let deadline = self.deadline;
         let (store, bindings) = self.instance().await?;
         let bindings = &*bindings;
-        let result = bounded(store, ENCODE_DEADLINE, async |s| {
-            bindings.call_describe(s).await
-        })
-        .await;
+        let result = bounded(store, deadline, async |s| bindings.call_describe(s).await).await;
         self.forget_on_failure(result)
     }
 
@@ -262,9 +267,10 @@ impl EncoderPlugin {
         info: &types::BatchInfo,
         readings: &[types::Reading],
     ) -> Result<Result<types::EncodedBatch, String>, CallError> {
+        let deadline = self.deadline;
         let (store, bindings) = self.instance().await?;
         let bindings = &*bindings;
-        let result = bounded(store, ENCODE_DEADLINE, async |s| {
+        let result = bounded(store, deadline, async |s| {
             bindings.call_encode(s, info, readings).await
         })
         .await;
