@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 
-use super::bindings::{Encoder, EncoderPre, Transport, TransportPre, types};
+use super::bindings::{Encoder, EncoderPre, Transport, TransportPre, UploadOutcome, types};
 use super::host::{PluginContext, PluginState};
 
 /// WIT package versions this host accepts from `describe`.
@@ -97,33 +97,7 @@ impl PluginEngine {
         path: &Path,
         context: Arc<PluginContext>,
     ) -> Result<EncoderPlugin> {
-        let component = self.compile(path).await?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .and_then(|pre| EncoderPre::new(pre).map_err(anyhow::Error::from))
-            .with_context(|| {
-                format!(
-                    "{} is not an encoder for this host (world sync:plugin/encoder@0.1.0)",
-                    path.display()
-                )
-            })?;
-        let mut plugin = EncoderPlugin {
-            engine: self.engine.clone(),
-            pre,
-            context,
-            deadline: ENCODE_DEADLINE,
-            info: placeholder_info(path),
-            instance: None,
-        };
-        let info = plugin
-            .describe()
-            .await
-            .with_context(|| format!("{}: describe failed", path.display()))?;
-        check_info(&info, path)?;
-        plugin.info = info;
-        Ok(plugin)
+        self.load(path, context).await
     }
 
     /// Loads a transport: compiles it, checks its world and its `describe`.
@@ -132,27 +106,34 @@ impl PluginEngine {
         path: &Path,
         context: Arc<PluginContext>,
     ) -> Result<TransportPlugin> {
+        self.load(path, context).await
+    }
+
+    async fn load<W: World>(&self, path: &Path, context: Arc<PluginContext>) -> Result<Plugin<W>> {
         let component = self.compile(path).await?;
         let pre = self
             .linker
             .instantiate_pre(&component)
+            .and_then(W::prepare)
             .map_err(anyhow::Error::from)
-            .and_then(|pre| TransportPre::new(pre).map_err(anyhow::Error::from))
             .with_context(|| {
                 format!(
-                    "{} is not a transport for this host (world sync:plugin/transport@0.1.0)",
-                    path.display()
+                    "{} is not {} for this host (world sync:plugin/{}@0.1.0)",
+                    path.display(),
+                    W::ARTICLE_NAME,
+                    W::NAME
                 )
             })?;
-        let mut plugin = TransportPlugin {
+        let mut plugin: Plugin<W> = Plugin {
             engine: self.engine.clone(),
             pre,
+            deadline: W::default_deadline(&context),
             context,
             info: placeholder_info(path),
             instance: None,
         };
         let info = plugin
-            .describe()
+            .call(async |bindings, store| bindings.describe(store).await)
             .await
             .with_context(|| format!("{}: describe failed", path.display()))?;
         check_info(&info, path)?;
@@ -215,158 +196,183 @@ async fn bounded<T>(
     }
 }
 
-/// A loaded encoder, with an instance kept between calls (made again after a failure).
-pub struct EncoderPlugin {
+/// What differs between the plugin worlds.
+pub trait World: Sized + Send + 'static {
+    /// The world's name in the WIT package, e.g. "encoder".
+    const NAME: &'static str;
+    /// The world's name with its article, for messages: "an encoder".
+    const ARTICLE_NAME: &'static str;
+    /// The pre-instantiated component.
+    type Pre: Send + Sync + 'static;
+    /// Checks a component against the world.
+    fn prepare(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre>;
+    /// Makes an instance.
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<PluginState>,
+    ) -> impl Future<Output = wasmtime::Result<Self>> + Send;
+    /// Calls the plugin's `describe`.
+    fn describe(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> impl Future<Output = wasmtime::Result<types::PluginInfo>> + Send;
+    /// The deadline of one call.
+    fn default_deadline(context: &PluginContext) -> Duration;
+}
+
+impl World for Encoder {
+    const NAME: &'static str = "encoder";
+    const ARTICLE_NAME: &'static str = "an encoder";
+    type Pre = EncoderPre<PluginState>;
+    fn prepare(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
+        EncoderPre::new(pre)
+    }
+    async fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<PluginState>,
+    ) -> wasmtime::Result<Self> {
+        pre.instantiate_async(store).await
+    }
+    async fn describe(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> wasmtime::Result<types::PluginInfo> {
+        self.call_describe(store).await
+    }
+    fn default_deadline(_: &PluginContext) -> Duration {
+        ENCODE_DEADLINE
+    }
+}
+
+impl World for Transport {
+    const NAME: &'static str = "transport";
+    const ARTICLE_NAME: &'static str = "a transport";
+    type Pre = TransportPre<PluginState>;
+    fn prepare(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
+        TransportPre::new(pre)
+    }
+    async fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<PluginState>,
+    ) -> wasmtime::Result<Self> {
+        pre.instantiate_async(store).await
+    }
+    async fn describe(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> wasmtime::Result<types::PluginInfo> {
+        self.call_describe(store).await
+    }
+    /// A transport call may make a few requests (authenticate, then upload), each
+    /// bounded by `request_timeout`.
+    fn default_deadline(context: &PluginContext) -> Duration {
+        context.request_timeout * 3 + Duration::from_secs(5)
+    }
+}
+
+/// A loaded plugin of world `W`, with an instance kept between calls (a transport keeps
+/// its credentials in it) and made again after a call fails.
+pub struct Plugin<W: World> {
     engine: Engine,
-    pre: EncoderPre<PluginState>,
+    pre: W::Pre,
     context: Arc<PluginContext>,
     deadline: Duration,
     info: types::PluginInfo,
-    instance: Option<(Store<PluginState>, Encoder)>,
+    instance: Option<(Store<PluginState>, W)>,
 }
 
-impl EncoderPlugin {
+/// A loaded encoder.
+pub type EncoderPlugin = Plugin<Encoder>;
+/// A loaded transport.
+pub type TransportPlugin = Plugin<Transport>;
+
+impl<W: World> Plugin<W> {
     /// What the plugin said of itself.
     pub fn info(&self) -> &types::PluginInfo {
         &self.info
     }
 
-    async fn instance(&mut self) -> Result<&mut (Store<PluginState>, Encoder), CallError> {
-        if self.instance.is_none() {
-            let mut store = new_store(&self.engine, &self.context, &self.info.name);
-            let pre = &self.pre;
-            let bindings = bounded(&mut store, ENCODE_DEADLINE, async |s| {
-                pre.instantiate_async(s).await
-            })
-            .await
-            .map_err(|e| match e {
-                CallError::Trap(e) => CallError::Trap(e.context("instantiation failed")),
-                deadline => deadline,
-            })?;
-            self.instance = Some((store, bindings));
-        }
-        Ok(self.instance.as_mut().expect("instance was just made"))
-    }
-
-    /// Sets the deadline of each call (default [`ENCODE_DEADLINE`]).
+    /// Sets the deadline of each call.
     pub fn set_deadline(&mut self, deadline: Duration) {
         self.deadline = deadline;
     }
 
-    async fn describe(&mut self) -> Result<types::PluginInfo, CallError> {
+    /// Runs one call within the deadline, on the kept instance or a new one; a call
+    /// that fails drops the instance.
+    async fn call<T>(
+        &mut self,
+        call: impl AsyncFnOnce(&W, &mut Store<PluginState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
         let deadline = self.deadline;
-        let (store, bindings) = self.instance().await?;
+        if self.instance.is_none() {
+            let mut store = new_store(&self.engine, &self.context, &self.info.name);
+            let pre = &self.pre;
+            let bindings = bounded(&mut store, deadline, async |s| W::instantiate(pre, s).await)
+                .await
+                .map_err(|e| match e {
+                    CallError::Trap(e) => CallError::Trap(e.context("instantiation failed")),
+                    deadline => deadline,
+                })?;
+            self.instance = Some((store, bindings));
+        }
+        let Some((store, bindings)) = self.instance.as_mut() else {
+            unreachable!("the instance was made above");
+        };
         let bindings = &*bindings;
-        let result = bounded(store, deadline, async |s| bindings.call_describe(s).await).await;
-        self.forget_on_failure(result)
+        let result = bounded(store, deadline, async |s| call(bindings, s).await).await;
+        if result.is_err() {
+            self.instance = None;
+        }
+        result
     }
+}
 
+impl Plugin<Encoder> {
     /// Encodes a batch. `Ok(Err(reason))` is the plugin refusing the batch.
     pub async fn encode(
         &mut self,
         info: &types::BatchInfo,
         readings: &[types::Reading],
     ) -> Result<Result<types::EncodedBatch, String>, CallError> {
-        let deadline = self.deadline;
-        let (store, bindings) = self.instance().await?;
-        let bindings = &*bindings;
-        let result = bounded(store, deadline, async |s| {
-            bindings.call_encode(s, info, readings).await
-        })
-        .await;
-        self.forget_on_failure(result)
-    }
-
-    fn forget_on_failure<T>(&mut self, result: Result<T, CallError>) -> Result<T, CallError> {
-        if result.is_err() {
-            self.instance = None;
-        }
-        result
-    }
-}
-
-/// A loaded transport, with an instance kept between calls (it holds the plugin's
-/// credentials) and made again after a failure.
-pub struct TransportPlugin {
-    engine: Engine,
-    pre: TransportPre<PluginState>,
-    context: Arc<PluginContext>,
-    info: types::PluginInfo,
-    instance: Option<(Store<PluginState>, Transport)>,
-}
-
-/// Generates a bounded call of a transport export.
-macro_rules! transport_call {
-    ($(#[$doc:meta])* $name:ident => $call:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        $(#[$doc])*
-        pub async fn $name(&mut self, $($arg: $ty),*) -> Result<$ret, CallError> {
-            let deadline = self.deadline();
-            let (store, bindings) = self.instance().await?;
-            let bindings = &*bindings;
-            let result = bounded(store, deadline, async |s| bindings.$call(s, $($arg),*).await).await;
-            self.forget_on_failure(result)
-        }
-    };
-}
-
-impl TransportPlugin {
-    /// What the plugin said of itself.
-    pub fn info(&self) -> &types::PluginInfo {
-        &self.info
-    }
-
-    /// A transport call may make a few requests (authenticate, then upload), each
-    /// bounded by `request_timeout`.
-    fn deadline(&self) -> Duration {
-        self.context.request_timeout * 3 + Duration::from_secs(5)
-    }
-
-    async fn instance(&mut self) -> Result<&mut (Store<PluginState>, Transport), CallError> {
-        if self.instance.is_none() {
-            let mut store = new_store(&self.engine, &self.context, &self.info.name);
-            let pre = &self.pre;
-            let bindings = bounded(&mut store, ENCODE_DEADLINE, async |s| {
-                pre.instantiate_async(s).await
-            })
+        self.call(async |b, s| b.call_encode(s, info, readings).await)
             .await
-            .map_err(|e| match e {
-                CallError::Trap(e) => CallError::Trap(e.context("instantiation failed")),
-                deadline => deadline,
-            })?;
-            self.instance = Some((store, bindings));
-        }
-        Ok(self.instance.as_mut().expect("instance was just made"))
+    }
+}
+
+impl Plugin<Transport> {
+    /// Asks the plugin for fresh credentials.
+    pub async fn authenticate(&mut self) -> Result<Result<(), String>, CallError> {
+        self.call(async |b, s| b.call_authenticate(s).await).await
     }
 
-    fn forget_on_failure<T>(&mut self, result: Result<T, CallError>) -> Result<T, CallError> {
-        if result.is_err() {
-            self.instance = None;
-        }
-        result
+    /// Delivers a batch.
+    pub async fn upload(
+        &mut self,
+        info: &types::BatchInfo,
+        batch: &types::EncodedBatch,
+    ) -> Result<UploadOutcome, CallError> {
+        self.call(async |b, s| b.call_upload(s, info, batch).await)
+            .await
     }
 
-    transport_call!(
-        /// Asks the plugin to describe itself.
-        describe => call_describe() -> types::PluginInfo
-    );
-    transport_call!(
-        /// Asks the plugin for fresh credentials.
-        authenticate => call_authenticate() -> Result<(), String>
-    );
-    transport_call!(
-        /// Delivers a batch.
-        upload => call_upload(info: &types::BatchInfo, batch: &types::EncodedBatch) -> super::bindings::UploadOutcome
-    );
-    transport_call!(
-        /// Checks that the Client System answers.
-        probe => call_probe() -> Result<(), String>
-    );
-    transport_call!(
-        /// Sends a heartbeat.
-        heartbeat => call_heartbeat(status: &types::SiteStatus) -> Result<(), String>
-    );
-    transport_call!(
-        /// Downloads the remote configuration.
-        fetch_config => call_fetch_config() -> Result<Option<types::RemoteConfig>, String>
-    );
+    /// Checks that the Client System answers.
+    pub async fn probe(&mut self) -> Result<Result<(), String>, CallError> {
+        self.call(async |b, s| b.call_probe(s).await).await
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(
+        &mut self,
+        status: &types::SiteStatus,
+    ) -> Result<Result<(), String>, CallError> {
+        self.call(async |b, s| b.call_heartbeat(s, status).await)
+            .await
+    }
+
+    /// Downloads the remote configuration.
+    pub async fn fetch_config(
+        &mut self,
+    ) -> Result<Result<Option<types::RemoteConfig>, String>, CallError> {
+        self.call(async |b, s| b.call_fetch_config(s).await).await
+    }
 }
