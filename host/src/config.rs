@@ -455,6 +455,11 @@ impl Config {
         Ok(())
     }
 
+    /// The names of the configured Client Systems, in order.
+    pub fn client_system_names(&self) -> Vec<String> {
+        self.client_systems.iter().map(|c| c.name.clone()).collect()
+    }
+
     /// A Client System's encoder or transport path, resolved against the config
     /// file's folder.
     pub fn resolve(&self, path: &Path) -> PathBuf {

@@ -31,19 +31,8 @@ pub fn http_client() -> Result<reqwest::Client> {
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let queue = Queue::open(
-        &config.database.url,
-        config.database.durability,
-        &config.base_dir,
-    )
-    .await?;
-    let names: Vec<String> = config
-        .client_systems
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
-    queue.register_client_systems(&names).await?;
-    let names = Arc::new(names);
+    let queue = Queue::open_for(&config).await?;
+    let names = Arc::new(config.client_system_names());
 
     let engine = PluginEngine::new()?;
     let http = http_client()?;

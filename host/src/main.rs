@@ -153,18 +153,7 @@ async fn enqueue(config_path: &Path, file: &Path) -> Result<()> {
         syncd::reading::parse_json_lines(BufReader::new(f))
     }
     .with_context(|| format!("{}: nothing was queued", file.display()))?;
-    let queue = Queue::open(
-        &config.database.url,
-        config.database.durability,
-        &config.base_dir,
-    )
-    .await?;
-    let names: Vec<String> = config
-        .client_systems
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
-    queue.register_client_systems(&names).await?;
+    let queue = Queue::open_for(&config).await?;
     let count = queue.enqueue(&readings).await?;
     println!("queued {count} readings");
     if nudge_daemon(&config).await {

@@ -110,6 +110,16 @@ impl Queue {
         Ok(Self { db })
     }
 
+    /// Opens the queue a configuration names, and registers its Client Systems.
+    pub async fn open_for(config: &crate::config::Config) -> Result<Self> {
+        let db = &config.database;
+        let queue = Self::open(&db.url, db.durability, &config.base_dir).await?;
+        queue
+            .register_client_systems(&config.client_system_names())
+            .await?;
+        Ok(queue)
+    }
+
     /// Adds readings to the queue, all or none, and returns how many were added.
     pub async fn enqueue(&self, readings: &[NewReading]) -> Result<u64> {
         if readings.is_empty() {
