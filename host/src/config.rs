@@ -90,6 +90,9 @@ pub struct Database {
     /// How hard a commit is pushed to disk.
     #[serde(default)]
     pub durability: Durability,
+    /// The most readings the queue may hold; past it, ingest is refused (HTTP 507)
+    /// until deliveries make room. Unbounded when absent.
+    pub max_queue_readings: Option<u64>,
 }
 
 impl Default for Database {
@@ -97,6 +100,7 @@ impl Default for Database {
         Self {
             url: default_database_url(),
             durability: Durability::default(),
+            max_queue_readings: None,
         }
     }
 }

@@ -59,16 +59,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .with_context(|| format!("client system {}: transport", cs.name))?;
         let trigger = Arc::new(Notify::new());
         triggers.insert(cs.name.clone(), Arc::clone(&trigger));
-        workers.push(Worker {
-            name: cs.name.clone(),
-            site_id: config.site.id.clone(),
+        workers.push(Worker::new(
+            cs.name.clone(),
+            config.site.id.clone(),
             policy,
-            queue: queue.clone(),
+            queue.clone(),
             encoder,
             transport,
-            all_client_systems: Arc::clone(&names),
+            Arc::clone(&names),
             trigger,
-        });
+        ));
     }
 
     let (stop, stopped) = watch::channel(false);
@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         listener,
         api::State {
             triggers: Arc::new(triggers),
+            queue: queue.clone(),
         },
         stopped.clone(),
     ));

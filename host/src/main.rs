@@ -1,6 +1,6 @@
 //! `syncd`: the command line.
 
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use syncd::config::Config;
 use syncd::plugin::{PluginContext, PluginEngine};
 use syncd::queue::Queue;
+use syncd::reading::FileFormat;
 
 /// Store-and-forward sync daemon: queues meter readings locally and delivers them in
 /// batches to Client Systems, through WebAssembly encoder and transport plugins.
@@ -46,11 +47,29 @@ enum LogFormat {
 enum Command {
     /// Run the daemon: deliver queued readings until stopped (Ctrl-C or SIGTERM).
     Run,
-    /// Queue readings from a JSON-lines file ("-" for standard input), all or none,
-    /// then ask a running daemon to sync.
+    /// Queue readings from a file ("-" for standard input), all or none, then ask a
+    /// running daemon to sync. Large files are streamed.
     Enqueue {
-        /// The file: one JSON reading per line.
+        /// The file: JSON lines (one reading per line) or CSV with a header row.
         file: PathBuf,
+        /// The file's format; by default CSV for a name ending in .csv, else JSON lines.
+        #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
+        format: InputFormat,
+    },
+    /// List, requeue or purge dead letters: batches that will not be retried by
+    /// themselves.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+    /// Delivery statistics per Client System, from the sync log.
+    Stats {
+        /// The period, in hours back from now.
+        #[arg(long, default_value_t = 24.0)]
+        hours: f64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Create or upgrade the queue's schema, then exit.
     Migrate,
@@ -63,6 +82,42 @@ enum Command {
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InputFormat {
+    Auto,
+    Jsonl,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the queue, to be sent again (same batch ids, fresh
+    /// retries).
+    Requeue {
+        /// The batch id of the dead letter.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters, and their readings once no Client System needs them.
+    Purge {
+        /// The batch id of the dead letter.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -112,7 +167,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let config = Config::load(&cli.config)?;
             syncd::daemon::run(config, syncd::daemon::shutdown_signal()).await
         }
-        Command::Enqueue { file } => enqueue(&cli.config, &file).await,
+        Command::Enqueue { file, format } => enqueue(&cli.config, &file, format).await,
+        Command::DeadLetter { command } => dead_letter(&cli.config, command).await,
+        Command::Stats { hours, json } => stats(&cli.config, hours, json).await,
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
             Queue::open(
@@ -143,23 +200,184 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-async fn enqueue(config_path: &Path, file: &Path) -> Result<()> {
+/// Readings per insert while streaming a file.
+const ENQUEUE_CHUNK: usize = 10_000;
+
+async fn enqueue(config_path: &Path, file: &Path, format: InputFormat) -> Result<()> {
     let config = Config::load(config_path)?;
-    let readings = if file == Path::new("-") {
-        syncd::reading::parse_json_lines(std::io::stdin().lock())
+    let format = match format {
+        InputFormat::Jsonl => FileFormat::JsonLines,
+        InputFormat::Csv => FileFormat::Csv,
+        InputFormat::Auto
+            if file
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv")) =>
+        {
+            FileFormat::Csv
+        }
+        InputFormat::Auto => FileFormat::JsonLines,
+    };
+    let input: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
     } else {
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-        syncd::reading::parse_json_lines(BufReader::new(f))
-    }
-    .with_context(|| format!("{}: nothing was queued", file.display()))?;
+        Box::new(BufReader::new(f))
+    };
     let queue = Queue::open_for(&config).await?;
-    let count = queue.enqueue(&readings).await?;
+    let show_progress = std::io::stderr().is_terminal();
+    let result: Result<u64> = async {
+        let mut ingest = queue.ingest().await?;
+        let mut chunk = Vec::with_capacity(ENQUEUE_CHUNK);
+        let mut read = 0u64;
+        for reading in syncd::reading::read_records(input, format) {
+            chunk.push(reading?);
+            if chunk.len() == ENQUEUE_CHUNK {
+                ingest.add(&chunk).await?;
+                read += chunk.len() as u64;
+                chunk.clear();
+                if show_progress {
+                    eprint!("\rread {read} readings…");
+                }
+            }
+        }
+        ingest.add(&chunk).await?;
+        ingest.commit().await
+    }
+    .await;
+    if show_progress {
+        eprint!("\r\x1b[K");
+    }
+    let count = result.with_context(|| format!("{}: nothing was queued", file.display()))?;
     println!("queued {count} readings");
     if nudge_daemon(&config).await {
         println!("asked the running daemon to sync now");
     }
     Ok(())
+}
+
+async fn dead_letter(config_path: &Path, command: DeadLetterCommand) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let queue = Queue::open_for(&config).await?;
+    match command {
+        DeadLetterCommand::List { json } => {
+            let dead = queue.dead_letters().await?;
+            if json {
+                let rows: Vec<_> = dead
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "id": d.id,
+                            "client_system": d.client_system,
+                            "readings": d.reading_count,
+                            "first_reading_id": d.first_reading_id,
+                            "last_reading_id": d.last_reading_id,
+                            "attempts": d.attempts,
+                            "reason": d.reason,
+                            "dead_at_ms": d.dead_at_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if dead.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:<36}  {:<16}  {:>8}  {:>8}  {:<20}  reason",
+                    "batch id", "client system", "readings", "attempts", "dead since (UTC)"
+                );
+                for d in &dead {
+                    println!(
+                        "{:<36}  {:<16}  {:>8}  {:>8}  {:<20}  {}",
+                        d.id,
+                        d.client_system,
+                        d.reading_count,
+                        d.attempts,
+                        format_ms(d.dead_at_ms),
+                        d.reason
+                    );
+                }
+            }
+        }
+        DeadLetterCommand::Requeue { id, .. } => {
+            let count = queue.requeue_dead_letters(id.as_deref()).await?;
+            if let (Some(id), 0) = (&id, count) {
+                anyhow::bail!("no dead letter with batch id {id}");
+            }
+            println!("requeued {count} dead letter(s)");
+            if nudge_daemon(&config).await {
+                println!("asked the running daemon to sync now");
+            }
+        }
+        DeadLetterCommand::Purge { id, .. } => {
+            let count = queue
+                .purge_dead_letters(id.as_deref(), &config.client_system_names())
+                .await?;
+            if let (Some(id), 0) = (&id, count) {
+                anyhow::bail!("no dead letter with batch id {id}");
+            }
+            println!("purged {count} dead letter(s)");
+        }
+    }
+    Ok(())
+}
+
+async fn stats(config_path: &Path, hours: f64, json: bool) -> Result<()> {
+    anyhow::ensure!(
+        hours.is_finite() && hours > 0.0,
+        "--hours must be a positive number"
+    );
+    let config = Config::load(config_path)?;
+    let queue = Queue::open_for(&config).await?;
+    let since = syncd::clock::now_ms() - (hours * 3_600_000.0) as i64;
+    let stats = queue.stats_since(since).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "hours": hours, "client_systems": stats })
+            )?
+        );
+        return Ok(());
+    }
+    println!("last {hours} hours");
+    println!(
+        "{:<16}  {:>8}  {:>8}  {:>10}  {:>7}  {:>11}  {:>8}  {:>8}  last success (UTC)",
+        "client system",
+        "attempts",
+        "batches",
+        "readings",
+        "retries",
+        "unreachable",
+        "rejected",
+        "mean ms"
+    );
+    for s in &stats {
+        println!(
+            "{:<16}  {:>8}  {:>8}  {:>10}  {:>7}  {:>11}  {:>8}  {:>8.1}  {}",
+            s.client_system,
+            s.attempts,
+            s.batches_delivered,
+            s.readings_delivered,
+            s.retries,
+            s.unreachable,
+            s.rejected,
+            s.mean_attempt_ms,
+            s.last_success_ms
+                .map(format_ms)
+                .unwrap_or_else(|| "never".into())
+        );
+    }
+    if stats.is_empty() {
+        println!("(no attempts in this period)");
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 time, to the second.
+fn format_ms(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
 }
 
 /// Asks a daemon listening on `[api] listen` to sync now; false if none answers.

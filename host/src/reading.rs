@@ -37,7 +37,8 @@ pub struct NewReading {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("record {record}: {message}")]
 pub struct InvalidReading {
-    /// 1-based position of the record (the line, in a JSON-lines file).
+    /// 1-based position of the record (the line, in a JSON-lines file); 0 when the
+    /// input as a whole is malformed.
     pub record: usize,
     /// What is wrong, naming the field.
     pub message: String,
@@ -74,8 +75,15 @@ const MAX_TIMESTAMP_MS: i64 = 4_102_444_800_000;
 impl NewReading {
     /// Parses and validates one JSON record; `record` numbers it in errors.
     pub fn from_json(text: &str, record: usize) -> Result<Self, InvalidReading> {
+        let wire: Wire = serde_json::from_str(text).map_err(|e| InvalidReading {
+            record,
+            message: e.to_string(),
+        })?;
+        Self::from_wire(wire, record)
+    }
+
+    fn from_wire(wire: Wire, record: usize) -> Result<Self, InvalidReading> {
         let invalid = |message: String| InvalidReading { record, message };
-        let wire: Wire = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let meter_id = wire
             .meter_id
             .filter(|m| !m.trim().is_empty())
@@ -120,7 +128,8 @@ impl NewReading {
     }
 }
 
-/// Parses JSON lines (blank lines skipped), all or nothing.
+/// Parses JSON lines (blank lines skipped), all or nothing. Records are numbered by
+/// line.
 pub fn parse_json_lines(input: impl BufRead) -> anyhow::Result<Vec<NewReading>> {
     let mut readings = Vec::new();
     for (i, line) in input.lines().enumerate() {
@@ -131,6 +140,216 @@ pub fn parse_json_lines(input: impl BufRead) -> anyhow::Result<Vec<NewReading>> 
         readings.push(NewReading::from_json(&line, i + 1)?);
     }
     Ok(readings)
+}
+
+/// The formats of a readings file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// One JSON object per line.
+    JsonLines,
+    /// CSV with a header row: `meter_id`, `timestamp`, `value` and optionally
+    /// `channel`, `unit`, `quality`, and `attr.<name>` columns for attributes.
+    Csv,
+}
+
+/// Reads readings one by one from a file's contents, numbering records by line (JSON
+/// lines) or by row after the header (CSV).
+pub fn read_records<'a>(
+    input: impl BufRead + 'a,
+    format: FileFormat,
+) -> Box<dyn Iterator<Item = anyhow::Result<NewReading>> + 'a> {
+    match format {
+        FileFormat::JsonLines => {
+            Box::new(
+                input
+                    .lines()
+                    .enumerate()
+                    .filter_map(|(i, line)| match line {
+                        Err(e) => Some(Err(e.into())),
+                        Ok(line) if line.trim().is_empty() => None,
+                        Ok(line) => Some(NewReading::from_json(&line, i + 1).map_err(Into::into)),
+                    }),
+            )
+        }
+        FileFormat::Csv => {
+            let mut reader = csv::ReaderBuilder::new()
+                .trim(csv::Trim::All)
+                .from_reader(input);
+            let headers = match reader.headers() {
+                Ok(h) => h.clone(),
+                Err(e) => return Box::new(std::iter::once(Err(e.into()))),
+            };
+            let columns = match CsvColumns::new(&headers) {
+                Ok(c) => c,
+                Err(e) => return Box::new(std::iter::once(Err(e.into()))),
+            };
+            Box::new(reader.into_records().enumerate().map(move |(i, row)| {
+                let row = row.map_err(|e| InvalidReading {
+                    record: i + 1,
+                    message: e.to_string(),
+                })?;
+                Ok(columns.reading(&row, i + 1)?)
+            }))
+        }
+    }
+}
+
+/// Where each field is in a CSV file's rows.
+struct CsvColumns {
+    meter_id: usize,
+    timestamp: usize,
+    value: usize,
+    channel: Option<usize>,
+    unit: Option<usize>,
+    quality: Option<usize>,
+    attributes: Vec<(String, usize)>,
+}
+
+impl CsvColumns {
+    fn new(headers: &csv::StringRecord) -> Result<Self, InvalidReading> {
+        let header_error = |message: String| InvalidReading { record: 0, message };
+        let find = |name: &str| headers.iter().position(|h| h == name);
+        let required = |name: &str| {
+            find(name)
+                .ok_or_else(|| header_error(format!("the header row has no \"{name}\" column")))
+        };
+        let mut attributes = Vec::new();
+        for (i, h) in headers.iter().enumerate() {
+            match h {
+                "meter_id" | "timestamp" | "value" | "channel" | "unit" | "quality" => {}
+                other => match other.strip_prefix("attr.") {
+                    Some(name) if !name.is_empty() => attributes.push((name.to_owned(), i)),
+                    _ => {
+                        return Err(header_error(format!(
+                            "unknown column \"{other}\" (attributes are written attr.<name>)"
+                        )));
+                    }
+                },
+            }
+        }
+        Ok(Self {
+            meter_id: required("meter_id")?,
+            timestamp: required("timestamp")?,
+            value: required("value")?,
+            channel: find("channel"),
+            unit: find("unit"),
+            quality: find("quality"),
+            attributes,
+        })
+    }
+
+    fn reading(
+        &self,
+        row: &csv::StringRecord,
+        record: usize,
+    ) -> Result<NewReading, InvalidReading> {
+        let cell = |i: usize| row.get(i).unwrap_or("");
+        let optional = |i: Option<usize>| i.map(cell).unwrap_or("").to_owned();
+        let timestamp = cell(self.timestamp);
+        let value = cell(self.value);
+        let wire = Wire {
+            meter_id: Some(cell(self.meter_id).to_owned()),
+            channel: optional(self.channel),
+            timestamp: (!timestamp.is_empty()).then(|| match timestamp.parse::<i64>() {
+                Ok(ms) => Timestamp::Millis(ms),
+                Err(_) => Timestamp::Text(timestamp.to_owned()),
+            }),
+            value: if value.is_empty() {
+                None
+            } else {
+                Some(value.parse::<f64>().map_err(|_| InvalidReading {
+                    record,
+                    message: format!("value \"{value}\" is not a number"),
+                })?)
+            },
+            unit: optional(self.unit),
+            quality: optional(self.quality),
+            attributes: self
+                .attributes
+                .iter()
+                .filter(|(_, i)| !cell(*i).is_empty())
+                .map(|(name, i)| (name.clone(), serde_json::Value::String(cell(*i).to_owned())))
+                .collect(),
+        };
+        NewReading::from_wire(wire, record)
+    }
+}
+
+/// Parses a request body: a JSON array of readings, or JSON lines. All or nothing.
+pub fn parse_body(body: &[u8]) -> Result<Vec<NewReading>, InvalidReading> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => Ok(Vec::new()),
+        Some(b'[') => parse_json_array(body),
+        Some(_) => {
+            let text = std::str::from_utf8(body).map_err(|e| InvalidReading {
+                record: 1 + body[..e.valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count(),
+                message: "not valid UTF-8".into(),
+            })?;
+            parse_json_lines(text.as_bytes()).map_err(|e| match e.downcast::<InvalidReading>() {
+                Ok(invalid) => invalid,
+                Err(other) => InvalidReading {
+                    record: 0,
+                    message: other.to_string(),
+                },
+            })
+        }
+    }
+}
+
+/// Parses a JSON array of readings, validating each as it is read, so that an error
+/// names the record (1-based position in the array).
+pub fn parse_json_array(body: &[u8]) -> Result<Vec<NewReading>, InvalidReading> {
+    use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    struct Records<'a>(&'a RefCell<Option<InvalidReading>>);
+
+    impl<'de> Visitor<'de> for Records<'_> {
+        type Value = Vec<NewReading>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of readings")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            let mut record = 0;
+            loop {
+                record += 1;
+                let failure = match seq.next_element::<Wire>() {
+                    Ok(None) => return Ok(out),
+                    Ok(Some(wire)) => match NewReading::from_wire(wire, record) {
+                        Ok(reading) => {
+                            out.push(reading);
+                            continue;
+                        }
+                        Err(invalid) => invalid,
+                    },
+                    Err(e) => InvalidReading {
+                        record,
+                        message: e.to_string(),
+                    },
+                };
+                *self.0.borrow_mut() = Some(failure);
+                return Err(A::Error::custom("invalid record"));
+            }
+        }
+    }
+
+    let failure = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = de
+        .deserialize_seq(Records(&failure))
+        .and_then(|readings| de.end().map(|()| readings));
+    result.map_err(|e| {
+        failure.into_inner().unwrap_or_else(|| InvalidReading {
+            record: 0,
+            message: e.to_string(),
+        })
+    })
 }
 
 fn parse_rfc3339_ms(text: &str) -> Option<i64> {
@@ -218,6 +437,49 @@ mod tests {
         let input = "{\"meter_id\":\"a\",\"timestamp\":1700000000000,\"value\":1}\n\n{\"meter_id\":\"\",\"timestamp\":1700000000000,\"value\":1}\n";
         let err = parse_json_lines(input.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("record 3"), "{err}");
+    }
+
+    #[test]
+    fn arrays_name_the_bad_record() {
+        let ok = br#"[{"meter_id":"a","timestamp":1700000000000,"value":1},{"meter_id":"b","timestamp":1700000000000,"value":2}]"#;
+        assert_eq!(parse_body(ok).unwrap().len(), 2);
+        let bad = br#"[{"meter_id":"a","timestamp":1700000000000,"value":1},{"meter_id":"b","timestamp":1700000000000}]"#;
+        let err = parse_body(bad).unwrap_err();
+        assert_eq!(err.record, 2);
+        assert!(err.message.contains("value"), "{err}");
+        let wrong_type = br#"[{"meter_id":"a","timestamp":1700000000000,"value":"high"}]"#;
+        assert_eq!(parse_body(wrong_type).unwrap_err().record, 1);
+        let truncated = br#"[{"meter_id":"a","timestamp":1700000000000,"value":1}"#;
+        let err = parse_body(truncated).unwrap_err();
+        assert!(err.message.contains("EOF"), "{err}");
+        let lines =
+            b"{\"meter_id\":\"a\",\"timestamp\":1700000000000,\"value\":1}\n{\"meter_id\":\"a\"}\n";
+        assert_eq!(parse_body(lines).unwrap_err().record, 2);
+    }
+
+    #[test]
+    fn csv_rows_become_readings_and_bad_rows_are_named() {
+        let csv = "meter_id,timestamp,value,unit,attr.phase\nm1,1700000000000,1.5,kWh,L1\nm2,2026-11-22T10:00:00Z,2,kWh,\n";
+        let readings: Vec<_> = read_records(csv.as_bytes(), FileFormat::Csv)
+            .collect::<anyhow::Result<_>>()
+            .unwrap();
+        assert_eq!(readings.len(), 2);
+        assert_eq!(readings[0].attributes, vec![("phase".into(), "L1".into())]);
+        assert!(readings[1].attributes.is_empty());
+        assert_eq!(readings[1].timestamp_ms, 1_795_341_600_000);
+
+        let bad = "meter_id,timestamp,value\nm1,1700000000000,1\nm2,1700000000000,NaN\n";
+        let err = read_records(bad.as_bytes(), FileFormat::Csv)
+            .collect::<anyhow::Result<Vec<_>>>()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("record 2: value NaN"), "{err}");
+
+        let unknown = "meter_id,timestamp,value,colour\n";
+        let err = read_records(unknown.as_bytes(), FileFormat::Csv)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
     }
 
     #[test]

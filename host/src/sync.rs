@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::clock::now_ms;
 use crate::config::{BackoffConfig, EffectivePolicy};
 use crate::plugin::bindings::{UploadOutcome, types};
+use crate::plugin::host::HttpTally;
 use crate::plugin::{CallError, EncoderPlugin, TransportPlugin};
 use crate::queue::{Attempt, Batch, Queue, QueuedReading};
 
@@ -37,6 +38,10 @@ pub enum Verdict {
     /// The credentials are refused even after re-authenticating. Not the batch's
     /// fault: retried after the backoff without using up its retries.
     Unauthorized(String),
+    /// No request of the attempt got any response (connection refused, timeouts): the
+    /// Client System is out of reach. Not the batch's fault either: retried after a
+    /// backoff that grows with the outage, without using up its retries.
+    Unreachable(String),
     /// Refused for good: dead letters.
     Rejected(String),
 }
@@ -47,6 +52,7 @@ impl Verdict {
             Verdict::Accepted => "accepted",
             Verdict::Retry { .. } => "retry",
             Verdict::Unauthorized(_) => "unauthorized",
+            Verdict::Unreachable(_) => "unreachable",
             Verdict::Rejected(_) => "rejected",
         }
     }
@@ -55,7 +61,9 @@ impl Verdict {
         match self {
             Verdict::Accepted => None,
             Verdict::Retry { reason, .. } => Some(reason.clone()),
-            Verdict::Unauthorized(reason) | Verdict::Rejected(reason) => Some(reason.clone()),
+            Verdict::Unauthorized(reason)
+            | Verdict::Unreachable(reason)
+            | Verdict::Rejected(reason) => Some(reason.clone()),
         }
     }
 }
@@ -89,6 +97,8 @@ pub struct Worker {
     pub all_client_systems: Arc<Vec<String>>,
     /// Notified to sync now.
     pub trigger: Arc<Notify>,
+    /// Consecutive attempts that found the Client System out of reach.
+    outage_streak: u32,
 }
 
 /// Why a wait ended.
@@ -108,6 +118,31 @@ async fn wait(trigger: &Notify, pause: Duration, shutdown: &mut watch::Receiver<
 }
 
 impl Worker {
+    /// A worker for one Client System.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        site_id: String,
+        policy: EffectivePolicy,
+        queue: Queue,
+        encoder: EncoderPlugin,
+        transport: TransportPlugin,
+        all_client_systems: Arc<Vec<String>>,
+        trigger: Arc<Notify>,
+    ) -> Self {
+        Self {
+            name,
+            site_id,
+            policy,
+            queue,
+            encoder,
+            transport,
+            all_client_systems,
+            trigger,
+            outage_streak: 0,
+        }
+    }
+
     /// Runs until `shutdown` turns true. The batch in flight then is finished (within
     /// its deadline) or, if the task is dropped, re-sent after the restart.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -199,6 +234,9 @@ impl Worker {
             outcome: verdict.label(),
             error: verdict.error(),
         };
+        if !matches!(verdict, Verdict::Unreachable(_)) {
+            self.outage_streak = 0;
+        }
         match verdict {
             Verdict::Accepted => {
                 let pruned = self
@@ -228,16 +266,27 @@ impl Worker {
                         backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
                     let pause = delay.map_or(backoff, |asked| asked.max(backoff));
                     warn!(%reason, retry_in = ?pause, "batch not delivered, will retry");
-                    let at = now_ms() + pause.as_millis() as i64;
-                    self.queue.schedule_retry(&batch, attempt, at).await?;
+                    self.queue
+                        .schedule_retry(&batch, attempt, number, later(pause))
+                        .await?;
                 }
             }
             Verdict::Unauthorized(reason) => {
                 let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
                 let pause = backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
                 warn!(%reason, retry_in = ?pause, "credentials refused, will retry");
-                let at = now_ms() + pause.as_millis() as i64;
-                self.queue.schedule_retry(&batch, attempt, at).await?;
+                self.queue
+                    .schedule_retry(&batch, attempt, batch.attempts, later(pause))
+                    .await?;
+            }
+            Verdict::Unreachable(reason) => {
+                self.outage_streak = self.outage_streak.saturating_add(1);
+                let pause =
+                    backoff_delay(&self.policy.backoff, self.outage_streak, fastrand::f64());
+                warn!(%reason, retry_in = ?pause, "client system out of reach, will retry");
+                self.queue
+                    .schedule_retry(&batch, attempt, batch.attempts, later(pause))
+                    .await?;
             }
         }
         Ok(())
@@ -268,13 +317,16 @@ impl Worker {
         match self.upload(&info, &encoded).await {
             Verdict::Unauthorized(reason) => {
                 debug!(%reason, "unauthorized: authenticating again");
-                match self.transport.authenticate().await {
+                let result = self.transport.authenticate().await;
+                let tally = self.transport.last_tally();
+                match result {
                     Ok(Ok(())) => match self.upload(&info, &encoded).await {
                         Verdict::Unauthorized(reason) => Verdict::Unauthorized(format!(
                             "refused again after authenticating: {reason}"
                         )),
                         other => other,
                     },
+                    _ if tally.unreachable() => unreachable(tally),
                     Ok(Err(reason)) => {
                         Verdict::Unauthorized(format!("authentication failed: {reason}"))
                     }
@@ -286,8 +338,11 @@ impl Worker {
     }
 
     async fn upload(&mut self, info: &types::BatchInfo, encoded: &types::EncodedBatch) -> Verdict {
-        match self.transport.upload(info, encoded).await {
+        let result = self.transport.upload(info, encoded).await;
+        let tally = self.transport.last_tally();
+        match result {
             Ok(UploadOutcome::Accepted) => Verdict::Accepted,
+            Ok(UploadOutcome::RetryLater(_)) | Err(_) if tally.unreachable() => unreachable(tally),
             Ok(UploadOutcome::RetryLater(retry)) => Verdict::Retry {
                 reason: retry.reason,
                 delay: retry.delay_ms.map(Duration::from_millis),
@@ -297,6 +352,20 @@ impl Worker {
             Err(error) => plugin_failure("transport", error),
         }
     }
+}
+
+fn unreachable(tally: &HttpTally) -> Verdict {
+    Verdict::Unreachable(
+        tally
+            .last_failure
+            .clone()
+            .unwrap_or_else(|| "no response".to_owned()),
+    )
+}
+
+/// The time `pause` from now, in ms since the Unix epoch.
+fn later(pause: Duration) -> i64 {
+    now_ms().saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A plugin that trapped or overran its deadline: the batch is kept and retried; the

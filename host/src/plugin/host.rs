@@ -93,12 +93,33 @@ impl PluginContext {
     }
 }
 
+/// What the requests of one plugin call came to: the host's own evidence of whether
+/// the Client System was reachable, whatever the plugin concludes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpTally {
+    /// Requests that got a response (any status).
+    pub responses: u32,
+    /// Requests that got none: connection failures and timeouts.
+    pub unreachable: u32,
+    /// The last of those failures, described.
+    pub last_failure: Option<String>,
+}
+
+impl HttpTally {
+    /// True when the call made requests and none of them got a response.
+    pub fn unreachable(&self) -> bool {
+        self.responses == 0 && self.unreachable > 0
+    }
+}
+
 /// The data of one plugin instance's store.
 pub struct PluginState {
     pub(super) context: Arc<PluginContext>,
     /// The plugin's name, for log lines.
     pub(super) plugin: String,
     pub(super) limits: StoreLimits,
+    /// The requests of the current call.
+    pub(super) tally: HttpTally,
     /// WASI with nothing granted: no files, no sockets, no environment.
     wasi: WasiCtx,
     table: ResourceTable,
@@ -110,6 +131,7 @@ impl PluginState {
             context,
             plugin,
             limits,
+            tally: HttpTally::default(),
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
         }
@@ -131,6 +153,18 @@ impl http::Host for PluginState {
     async fn send(&mut self, req: http::Request) -> Result<http::Response, http::HttpError> {
         let context = Arc::clone(&self.context);
         let result = send(&context, req).await;
+        match &result {
+            Ok(_) => self.tally.responses += 1,
+            Err(http::HttpError::Connect(m)) => {
+                self.tally.unreachable += 1;
+                self.tally.last_failure = Some(format!("connection failed: {m}"));
+            }
+            Err(http::HttpError::Timeout) => {
+                self.tally.unreachable += 1;
+                self.tally.last_failure = Some("request timed out".to_owned());
+            }
+            Err(_) => {}
+        }
         if let Err(error) = &result {
             tracing::debug!(
                 client_system = %context.client_system,

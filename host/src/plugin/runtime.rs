@@ -10,7 +10,7 @@ use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 
 use super::bindings::{Encoder, EncoderPre, Transport, TransportPre, UploadOutcome, types};
-use super::host::{PluginContext, PluginState};
+use super::host::{HttpTally, PluginContext, PluginState};
 
 /// WIT package versions this host accepts from `describe`.
 pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0"];
@@ -131,6 +131,7 @@ impl PluginEngine {
             context,
             info: placeholder_info(path),
             instance: None,
+            last_tally: HttpTally::default(),
         };
         let info = plugin
             .call(async |bindings, store| bindings.describe(store).await)
@@ -279,6 +280,7 @@ pub struct Plugin<W: World> {
     deadline: Duration,
     info: types::PluginInfo,
     instance: Option<(Store<PluginState>, W)>,
+    last_tally: HttpTally,
 }
 
 /// A loaded encoder.
@@ -318,12 +320,19 @@ impl<W: World> Plugin<W> {
         let Some((store, bindings)) = self.instance.as_mut() else {
             unreachable!("the instance was made above");
         };
+        store.data_mut().tally = HttpTally::default();
         let bindings = &*bindings;
         let result = bounded(store, deadline, async |s| call(bindings, s).await).await;
+        self.last_tally = std::mem::take(&mut store.data_mut().tally);
         if result.is_err() {
             self.instance = None;
         }
         result
+    }
+
+    /// What the requests of the last call came to.
+    pub fn last_tally(&self) -> &HttpTally {
+        &self.last_tally
     }
 }
 

@@ -68,6 +68,95 @@ pub struct Attempt {
 #[derive(Clone)]
 pub struct Queue {
     db: DatabaseConnection,
+    max_readings: Option<u64>,
+}
+
+/// Ingest refused: the queue holds `max_queue_readings` already.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the queue is full: it holds about {queued} readings and max_queue_readings is {limit}; \
+     {incoming} more were refused (nothing was stored). Deliveries make room; or raise the limit"
+)]
+pub struct QueueFull {
+    /// The configured limit.
+    pub limit: u64,
+    /// Readings queued (an upper bound: the span of queued ids).
+    pub queued: u64,
+    /// Readings refused.
+    pub incoming: u64,
+}
+
+/// A summary of `sync_log` for one Client System over a period.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ClientStats {
+    /// The Client System.
+    pub client_system: String,
+    /// Attempts made.
+    pub attempts: u64,
+    /// Batches delivered.
+    pub batches_delivered: u64,
+    /// Readings delivered.
+    pub readings_delivered: u64,
+    /// Attempts that failed and were retried (`retry`).
+    pub retries: u64,
+    /// Attempts that found the Client System out of reach.
+    pub unreachable: u64,
+    /// Attempts whose credentials were refused.
+    pub unauthorized: u64,
+    /// Batches rejected (and dead-lettered).
+    pub rejected: u64,
+    /// Mean duration of an attempt, ms.
+    pub mean_attempt_ms: f64,
+    /// When a batch was last delivered, ms since the Unix epoch.
+    pub last_success_ms: Option<i64>,
+}
+
+/// `sync_log` grouped by Client System and outcome.
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct OutcomeRow {
+    client_system: String,
+    outcome: String,
+    attempts: i64,
+    readings: Option<i64>,
+    duration: Option<i64>,
+    last: Option<i64>,
+}
+
+/// An ingest in progress: readings added by [`Ingest::add`] are stored only when
+/// [`Ingest::commit`] is called, all together.
+pub struct Ingest {
+    txn: DatabaseTransaction,
+    added: u64,
+    room: Option<(u64, u64)>,
+}
+
+impl Ingest {
+    /// Adds readings to the transaction.
+    pub async fn add(&mut self, readings: &[NewReading]) -> Result<()> {
+        if let Some((limit, queued)) = self.room {
+            let incoming = self.added + readings.len() as u64;
+            if queued + incoming > limit {
+                return Err(QueueFull {
+                    limit,
+                    queued,
+                    incoming,
+                }
+                .into());
+            }
+        }
+        insert_readings(&self.txn, readings).await?;
+        self.added += readings.len() as u64;
+        Ok(())
+    }
+
+    /// Stores everything added; returns how many readings.
+    pub async fn commit(self) -> Result<u64> {
+        self.txn
+            .commit()
+            .await
+            .context("failed to commit readings")?;
+        Ok(self.added)
+    }
 }
 
 impl Queue {
@@ -107,13 +196,17 @@ impl Queue {
         Migrator::up(&db, None)
             .await
             .context("failed to bring the database schema up to date")?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            max_readings: None,
+        })
     }
 
     /// Opens the queue a configuration names, and registers its Client Systems.
     pub async fn open_for(config: &crate::config::Config) -> Result<Self> {
         let db = &config.database;
-        let queue = Self::open(&db.url, db.durability, &config.base_dir).await?;
+        let mut queue = Self::open(&db.url, db.durability, &config.base_dir).await?;
+        queue.max_readings = db.max_queue_readings;
         queue
             .register_client_systems(&config.client_system_names())
             .await?;
@@ -122,28 +215,24 @@ impl Queue {
 
     /// Adds readings to the queue, all or none, and returns how many were added.
     pub async fn enqueue(&self, readings: &[NewReading]) -> Result<u64> {
-        if readings.is_empty() {
-            return Ok(0);
-        }
+        let mut ingest = self.ingest().await?;
+        ingest.add(readings).await?;
+        ingest.commit().await
+    }
+
+    /// Starts an ingest that may add readings in several steps and stores them all or
+    /// none (for files too large to hold in memory).
+    pub async fn ingest(&self) -> Result<Ingest> {
         let txn = self.db.begin().await?;
-        for chunk in readings.chunks(INSERT_CHUNK) {
-            let rows = chunk.iter().map(|r| reading::ActiveModel {
-                meter_id: Set(r.meter_id.clone()),
-                channel: Set(r.channel.clone()),
-                timestamp_ms: Set(r.timestamp_ms),
-                value: Set(r.value),
-                unit: Set(r.unit.clone()),
-                quality: Set(r.quality.clone()),
-                attributes: Set(attributes_to_json(&r.attributes)),
-                ..Default::default()
-            });
-            reading::Entity::insert_many(rows)
-                .exec_without_returning(&txn)
-                .await
-                .context("failed to insert readings")?;
-        }
-        txn.commit().await.context("failed to commit readings")?;
-        Ok(readings.len() as u64)
+        let room = match self.max_readings {
+            Some(limit) => Some((limit, queued_span(&txn).await?)),
+            None => None,
+        };
+        Ok(Ingest {
+            txn,
+            added: 0,
+            room,
+        })
     }
 
     /// Makes sure every named Client System has a progress record. On a queue that has
@@ -257,16 +346,18 @@ impl Queue {
         Ok(pruned)
     }
 
-    /// The attempt failed and the batch will be retried at `next_attempt_at_ms`.
+    /// The attempt failed and the batch will be retried at `next_attempt_at_ms`;
+    /// `attempts_used` is what counts towards its retries from now on.
     pub async fn schedule_retry(
         &self,
         batch: &Batch,
         attempt: Attempt,
+        attempts_used: i32,
         next_attempt_at_ms: i64,
     ) -> Result<()> {
         let txn = self.db.begin().await?;
         batch::Entity::update_many()
-            .col_expr(batch::Column::Attempts, Expr::value(attempt.attempt))
+            .col_expr(batch::Column::Attempts, Expr::value(attempts_used))
             .col_expr(
                 batch::Column::NextAttemptAtMs,
                 Expr::value(next_attempt_at_ms),
@@ -318,6 +409,119 @@ impl Queue {
             .await?)
     }
 
+    /// Moves dead letters back into the queue of batches (`id`, or all when none), to
+    /// be sent again under the same batch ids with fresh retries. Returns how many.
+    pub async fn requeue_dead_letters(&self, id: Option<&str>) -> Result<u64> {
+        let txn = self.db.begin().await?;
+        let mut find = dead_letter::Entity::find();
+        if let Some(id) = id {
+            find = find.filter(dead_letter::Column::Id.eq(id));
+        }
+        let dead = find.all(&txn).await?;
+        let now = crate::clock::now_ms();
+        for d in &dead {
+            batch::ActiveModel {
+                id: Set(d.id.clone()),
+                client_system: Set(d.client_system.clone()),
+                first_reading_id: Set(d.first_reading_id),
+                last_reading_id: Set(d.last_reading_id),
+                reading_count: Set(d.reading_count),
+                attempts: Set(0),
+                next_attempt_at_ms: Set(now),
+                last_error: Set(Some(format!("requeued from dead letters: {}", d.reason))),
+                created_at_ms: Set(d.created_at_ms),
+            }
+            .insert(&txn)
+            .await?;
+            dead_letter::Entity::delete_by_id(d.id.clone())
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(dead.len() as u64)
+    }
+
+    /// Deletes dead letters (`id`, or all when none) and the readings no Client System
+    /// in `client_systems` needs any more. Returns how many dead letters.
+    pub async fn purge_dead_letters(
+        &self,
+        id: Option<&str>,
+        client_systems: &[String],
+    ) -> Result<u64> {
+        let txn = self.db.begin().await?;
+        let mut delete = dead_letter::Entity::delete_many();
+        if let Some(id) = id {
+            delete = delete.filter(dead_letter::Column::Id.eq(id));
+        }
+        let purged = delete.exec(&txn).await?.rows_affected;
+        prune(&txn, client_systems).await?;
+        txn.commit().await?;
+        Ok(purged)
+    }
+
+    /// Per Client System, what `sync_log` says of the attempts since `since_ms`.
+    pub async fn stats_since(&self, since_ms: i64) -> Result<Vec<ClientStats>> {
+        let rows: Vec<OutcomeRow> = sync_log::Entity::find()
+            .select_only()
+            .column(sync_log::Column::ClientSystem)
+            .column(sync_log::Column::Outcome)
+            .column_as(sync_log::Column::Id.count(), "attempts")
+            .column_as(sync_log::Column::ReadingCount.sum(), "readings")
+            .column_as(sync_log::Column::DurationMs.sum(), "duration")
+            .column_as(sync_log::Column::StartedAtMs.max(), "last")
+            .filter(sync_log::Column::StartedAtMs.gte(since_ms))
+            .group_by(sync_log::Column::ClientSystem)
+            .group_by(sync_log::Column::Outcome)
+            .into_model()
+            .all(&self.db)
+            .await?;
+        let mut by_client: std::collections::BTreeMap<String, (ClientStats, i64)> =
+            Default::default();
+        for OutcomeRow {
+            client_system: client,
+            outcome,
+            attempts,
+            readings,
+            duration,
+            last,
+        } in rows
+        {
+            let (stats, total_ms) = by_client.entry(client.clone()).or_insert_with(|| {
+                (
+                    ClientStats {
+                        client_system: client,
+                        ..Default::default()
+                    },
+                    0,
+                )
+            });
+            let attempts = attempts as u64;
+            stats.attempts += attempts;
+            *total_ms += duration.unwrap_or(0);
+            match outcome.as_str() {
+                "accepted" => {
+                    stats.batches_delivered += attempts;
+                    stats.readings_delivered += readings.unwrap_or(0) as u64;
+                    stats.last_success_ms = last;
+                }
+                "retry" => stats.retries += attempts,
+                "unreachable" => stats.unreachable += attempts,
+                "unauthorized" => stats.unauthorized += attempts,
+                "rejected" => stats.rejected += attempts,
+                _ => {}
+            }
+        }
+        Ok(by_client
+            .into_values()
+            .map(|(mut stats, total_ms)| {
+                if stats.attempts > 0 {
+                    stats.mean_attempt_ms = total_ms as f64 / stats.attempts as f64;
+                }
+                stats
+            })
+            .collect())
+    }
+
     /// Every attempt logged since `since_ms`, oldest first.
     pub async fn sync_log_since(&self, since_ms: i64) -> Result<Vec<sync_log::Model>> {
         Ok(sync_log::Entity::find()
@@ -326,6 +530,43 @@ impl Queue {
             .all(&self.db)
             .await?)
     }
+}
+
+async fn insert_readings(txn: &DatabaseTransaction, readings: &[NewReading]) -> Result<()> {
+    for chunk in readings.chunks(INSERT_CHUNK) {
+        let rows = chunk.iter().map(|r| reading::ActiveModel {
+            meter_id: Set(r.meter_id.clone()),
+            channel: Set(r.channel.clone()),
+            timestamp_ms: Set(r.timestamp_ms),
+            value: Set(r.value),
+            unit: Set(r.unit.clone()),
+            quality: Set(r.quality.clone()),
+            attributes: Set(attributes_to_json(&r.attributes)),
+            ..Default::default()
+        });
+        reading::Entity::insert_many(rows)
+            .exec_without_returning(txn)
+            .await
+            .context("failed to insert readings")?;
+    }
+    Ok(())
+}
+
+/// An upper bound of the readings queued, cheap at any size: the span of their ids
+/// (pruning removes the oldest, so the span has no large gaps).
+async fn queued_span(txn: &impl ConnectionTrait) -> Result<u64> {
+    let (min, max): (Option<i64>, Option<i64>) = reading::Entity::find()
+        .select_only()
+        .column_as(reading::Column::Id.min(), "lo")
+        .column_as(reading::Column::Id.max(), "hi")
+        .into_tuple()
+        .one(txn)
+        .await?
+        .unwrap_or((None, None));
+    Ok(match (min, max) {
+        (Some(lo), Some(hi)) => (hi - lo + 1).max(0) as u64,
+        _ => 0,
+    })
 }
 
 async fn log_attempt(txn: &DatabaseTransaction, a: Attempt) -> Result<()> {
