@@ -125,7 +125,7 @@ async fn enqueue_then_run_delivers_and_stops_cleanly_on_sigterm() {
     eventually(
         Duration::from_secs(60),
         "1500 readings at the Client System",
-        || async { site.client.stats().await.unwrap().readings == 1500 },
+        || async { site.client().stats().await.unwrap().readings == 1500 },
     )
     .await;
     let term = Command::new("kill")

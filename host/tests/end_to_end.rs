@@ -25,7 +25,7 @@ async fn every_reading_arrives_exactly_once_and_leaves_the_queue() {
     .await;
     daemon.stop().await;
 
-    let stored = site.client.stored_readings().await.unwrap();
+    let stored = site.client().stored_readings().await.unwrap();
     let mut times_seen: BTreeMap<i64, usize> = BTreeMap::new();
     for r in &stored {
         *times_seen.entry(r.id).or_default() += 1;
@@ -50,7 +50,7 @@ async fn every_reading_arrives_exactly_once_and_leaves_the_queue() {
             .all(|row| row.outcome == "accepted" && row.client_system == "meterit")
     );
     assert_eq!(log.iter().map(|r| r.reading_count).sum::<i32>(), 2_345);
-    let stats = site.client.stats().await.unwrap();
+    let stats = site.client().stats().await.unwrap();
     assert_eq!((stats.batches, stats.duplicates), (6, 0));
 }
 
@@ -59,7 +59,7 @@ async fn a_retried_batch_keeps_its_id_and_is_stored_once() {
     let site = Site::new(r#"backoff = { initial = "50ms", max = "200ms" }"#).await;
     let queue = site.queue().await;
     queue.enqueue(&readings(30)).await.unwrap();
-    site.client.inject_faults([
+    site.client().inject_faults([
         Fault {
             status: 503,
             ..Fault::default()
@@ -97,7 +97,7 @@ async fn a_retried_batch_keeps_its_id_and_is_stored_once() {
         gap >= 1_000,
         "retried after {gap} ms despite Retry-After: 1"
     );
-    assert_eq!(site.client.stored_readings().await.unwrap().len(), 30);
+    assert_eq!(site.client().stored_readings().await.unwrap().len(), 30);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +105,7 @@ async fn a_rejected_batch_goes_to_dead_letters_with_its_readings_kept() {
     let site = Site::new("").await;
     let queue = site.queue().await;
     queue.enqueue(&readings(12)).await.unwrap();
-    site.client.inject_faults([Fault {
+    site.client().inject_faults([Fault {
         status: 400,
         ..Fault::default()
     }]);
@@ -126,7 +126,7 @@ async fn a_rejected_batch_goes_to_dead_letters_with_its_readings_kept() {
         12,
         "dead-lettered readings are kept"
     );
-    assert_eq!(site.client.stats().await.unwrap().readings, 0);
+    assert_eq!(site.client().stats().await.unwrap().readings, 0);
     let log = queue.sync_log_since(0).await.unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].outcome, "rejected");
@@ -137,7 +137,7 @@ async fn unauthorized_leads_to_one_reauthentication_and_delivery() {
     let site = Site::new("").await;
     let queue = site.queue().await;
     queue.enqueue(&readings(5)).await.unwrap();
-    site.client.inject_faults([Fault {
+    site.client().inject_faults([Fault {
         status: 401,
         ..Fault::default()
     }]);
@@ -152,7 +152,7 @@ async fn unauthorized_leads_to_one_reauthentication_and_delivery() {
     let log = queue.sync_log_since(0).await.unwrap();
     assert_eq!(log.len(), 1, "re-authentication happens within the attempt");
     assert_eq!(log[0].outcome, "accepted");
-    assert_eq!(site.client.stored_readings().await.unwrap().len(), 5);
+    assert_eq!(site.client().stored_readings().await.unwrap().len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +165,7 @@ async fn readings_queued_by_another_process_are_picked_up() {
     let writer = site.queue().await;
     writer.enqueue(&readings(50)).await.unwrap();
     eventually(LIMIT, "delivery of late readings", || async {
-        site.client.stats().await.unwrap().readings == 50
+        site.client().stats().await.unwrap().readings == 50
     })
     .await;
     daemon.stop().await;

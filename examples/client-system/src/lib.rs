@@ -15,7 +15,8 @@
 //! - `GET /admin/stats` → `{"batches", "readings", "duplicates", "heartbeats"}`;
 //! - `GET /admin/readings` → every stored reading;
 //! - `POST /admin/faults` `[{"status": 503, "retry_after": 2, "delay_ms": 0}, …]`: the
-//!   next batch uploads are answered with these, in order;
+//!   next batch uploads are answered with these, in order; `{"store": true,
+//!   "delay_ms": N}` stores the batch, then holds the answer N ms;
 //! - `PUT /admin/config` `{"version": …, "config": {…}}`.
 //!
 //! Everything accepted is stored in its own SQLite file.
@@ -52,8 +53,13 @@ pub struct Options {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
-    /// The status to answer with.
+    /// The status to answer with (ignored with `store`).
+    #[serde(default)]
     pub status: u16,
+    /// Store the batch as usual, and only then wait `delay_ms` before answering
+    /// normally: the sender cannot tell it was stored until the answer comes.
+    #[serde(default)]
+    pub store: bool,
     /// A `Retry-After` header, in seconds.
     #[serde(default)]
     pub retry_after: Option<u64>,
@@ -270,19 +276,36 @@ async fn upload(
     body: axum::body::Bytes,
 ) -> Response {
     let fault = lock(&state.faults).pop_front();
-    if let Some(fault) = fault {
-        if let Some(ms) = fault.delay_ms {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-        let status =
-            StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = error(status, "injected fault");
-        if let Some(value) = fault.retry_after.and_then(|s| s.to_string().parse().ok()) {
-            response.headers_mut().insert("retry-after", value);
-        }
-        return response;
+    let hold = match fault {
+        Some(Fault {
+            store: true,
+            delay_ms,
+            ..
+        }) => delay_ms,
+        Some(fault) => return answer_with(fault).await,
+        None => None,
+    };
+    let response = store_upload(&state, &headers, &body).await;
+    if let Some(ms) = hold {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if !authorized(&state, &headers) {
+    response
+}
+
+async fn answer_with(fault: Fault) -> Response {
+    if let Some(ms) = fault.delay_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = error(status, "injected fault");
+    if let Some(value) = fault.retry_after.and_then(|s| s.to_string().parse().ok()) {
+        response.headers_mut().insert("retry-after", value);
+    }
+    response
+}
+
+async fn store_upload(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Response {
+    if !authorized(state, headers) {
         return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
     }
     let Some(key) = headers
@@ -295,11 +318,11 @@ async fn upload(
             "Idempotency-Key header is required",
         );
     };
-    let batch: Batch = match serde_json::from_slice(&body) {
+    let batch: Batch = match serde_json::from_slice(body) {
         Ok(batch) => batch,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid batch: {e}")),
     };
-    match store_batch(&state, &key, batch).await {
+    match store_batch(state, &key, batch).await {
         Ok(Some(count)) => Json(json!({ "accepted": count, "duplicate": false })).into_response(),
         Ok(None) => {
             *lock(&state.duplicates) += 1;

@@ -31,6 +31,9 @@ use entities::{batch, client_system, dead_letter, reading, sync_log};
 /// reading binds 7).
 const INSERT_CHUNK: usize = 1000;
 
+/// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
+const POSTGRES_POOL: u32 = 8;
+
 /// How long a writer waits for SQLite's lock before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -186,8 +189,15 @@ impl Queue {
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
             });
             options
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut options = ConnectOptions::new(url.to_owned());
+            options.max_connections(POSTGRES_POOL);
+            options
         } else {
-            ConnectOptions::new(url.to_owned())
+            anyhow::bail!(
+                "unsupported database URL {}: use sqlite://path or postgres://…",
+                redact_url(url)
+            );
         };
         options.sqlx_logging(false);
         let db = Database::connect(options)
@@ -466,8 +476,9 @@ impl Queue {
             .column(sync_log::Column::ClientSystem)
             .column(sync_log::Column::Outcome)
             .column_as(sync_log::Column::Id.count(), "attempts")
-            .column_as(sync_log::Column::ReadingCount.sum(), "readings")
-            .column_as(sync_log::Column::DurationMs.sum(), "duration")
+            // SUM of a BIGINT is NUMERIC in PostgreSQL: cast it back.
+            .column_as(Expr::cust("CAST(SUM(reading_count) AS BIGINT)"), "readings")
+            .column_as(Expr::cust("CAST(SUM(duration_ms) AS BIGINT)"), "duration")
             .column_as(sync_log::Column::StartedAtMs.max(), "last")
             .filter(sync_log::Column::StartedAtMs.gte(since_ms))
             .group_by(sync_log::Column::ClientSystem)

@@ -1,12 +1,15 @@
-//! What the integration tests share: a site in a temporary folder, with the real
-//! plugins from `plugins/` and the reference Client System on loopback.
+//! What the integration tests share: a site in a temporary folder, on SQLite or on a
+//! real PostgreSQL server, with the real plugins from `plugins/` and reference Client
+//! Systems on loopback.
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use client_system::{Options, Server};
+use sea_orm::ConnectionTrait;
 use syncd::config::Config;
 use syncd::queue::Queue;
 use syncd::reading::NewReading;
@@ -14,8 +17,22 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// The API key the reference Client System accepts in the tests.
+/// The API key the reference Client Systems accept in the tests.
 pub const API_KEY: &str = "test-key-7d1e";
+
+/// The PostgreSQL server the tests use: `SYNCD_TEST_POSTGRES_URL`, by default the
+/// local one with trust authentication. Each test gets a database of its own on it.
+pub fn postgres_admin_url() -> String {
+    std::env::var("SYNCD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Where a site keeps its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
 
 /// A component built by `cargo xtask plugins`.
 pub fn plugin(name: &str) -> PathBuf {
@@ -31,68 +48,124 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
-/// A site: its folder, its config, and the Client System it delivers to.
+/// A reference Client System that can be stopped and started again on its address,
+/// keeping what it stored.
+pub struct Endpoint {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub database: PathBuf,
+    server: Option<Server>,
+}
+
+impl Endpoint {
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("this Client System is stopped")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+    }
+
+    pub async fn start(&mut self) {
+        assert!(self.server.is_none(), "already running");
+        self.server = Some(
+            Server::start(
+                self.addr,
+                Options {
+                    api_key: API_KEY.into(),
+                    database: self.database.clone(),
+                },
+            )
+            .await
+            .expect("reference Client System starts"),
+        );
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/api", self.addr)
+    }
+}
+
+/// A site: its folder, its config, and the Client Systems it delivers to.
 pub struct Site {
     pub dir: TempDir,
     pub config: Config,
-    pub client: Server,
+    pub endpoints: Vec<Endpoint>,
+    pub backend: Backend,
+}
+
+/// A free port on loopback (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("an address")
 }
 
 impl Site {
-    /// A site with one Client System "meterit"; `client_extra` is appended to its
+    /// A SQLite site with one Client System "meterit"; `client_extra` is appended to its
     /// `[[client_system]]` table (e.g. "batch_size = 10").
     pub async fn new(client_extra: &str) -> Site {
+        Self::build(Backend::Sqlite, "sqlite", "", &[("meterit", client_extra)]).await
+    }
+
+    /// A site on `backend` (`test` names its PostgreSQL database), with `[database]`
+    /// extras and one Client System per `(name, extra)`.
+    pub async fn build(
+        backend: Backend,
+        test: &str,
+        database_extra: &str,
+        clients: &[(&str, &str)],
+    ) -> Site {
         let dir = tempfile::tempdir().expect("temporary folder");
-        let client = Server::start(
-            "127.0.0.1:0".parse().expect("address"),
-            Options {
-                api_key: API_KEY.into(),
-                database: dir.path().join("client-system.db"),
-            },
-        )
-        .await
-        .expect("reference Client System starts");
-        let text = format!(
-            r#"
-[site]
-id = "site-test"
-[database]
-url = "sqlite://syncd.db"
-[api]
-listen = "127.0.0.1:0"
-[[client_system]]
-name = "meterit"
-base_url = "{base}"
-api_key = "{API_KEY}"
-encoder = "{encoder}"
-transport = "{transport}"
-{client_extra}
-"#,
-            base = client.base_url(),
-            encoder = plugin("json_batch").display(),
-            transport = plugin("meterit_http").display(),
+        let url = match backend {
+            Backend::Sqlite => "sqlite://syncd.db".to_owned(),
+            Backend::Postgres => fresh_postgres_database(test).await,
+        };
+        let mut text = format!(
+            "[site]\nid = \"site-test\"\n[database]\nurl = \"{url}\"\n{database_extra}\n[api]\nlisten = \"{}\"\n",
+            free_addr()
         );
+        let mut endpoints = Vec::new();
+        for (name, extra) in clients {
+            let mut endpoint = Endpoint {
+                name: (*name).to_owned(),
+                addr: free_addr(),
+                database: dir.path().join(format!("client-system-{name}.db")),
+                server: None,
+            };
+            endpoint.start().await;
+            text.push_str(&format!(
+                "[[client_system]]\nname = \"{name}\"\nbase_url = \"{base}\"\napi_key = \"{API_KEY}\"\nencoder = \"{encoder}\"\ntransport = \"{transport}\"\n{extra}\n",
+                base = endpoint.base_url(),
+                encoder = plugin("json_batch").display(),
+                transport = plugin("meterit_http").display(),
+            ));
+            endpoints.push(endpoint);
+        }
         let path = dir.path().join("sync.toml");
         std::fs::write(&path, &text).expect("config written");
         let config = Config::load(&path).expect("config is valid");
         Site {
             dir,
             config,
-            client,
+            endpoints,
+            backend,
         }
     }
 
+    /// The first Client System.
+    pub fn client(&self) -> &Server {
+        self.endpoints[0].server()
+    }
+
     pub async fn queue(&self) -> Queue {
-        let c = &self.config;
-        let queue = Queue::open(&c.database.url, c.database.durability, &c.base_dir)
-            .await
-            .expect("queue opens");
-        let names: Vec<String> = c.client_systems.iter().map(|c| c.name.clone()).collect();
-        queue
-            .register_client_systems(&names)
-            .await
-            .expect("registered");
-        queue
+        Queue::open_for(&self.config).await.expect("queue opens")
+    }
+
+    /// The local API's base URL.
+    pub fn api(&self) -> String {
+        format!("http://{}", self.config.api.listen)
     }
 
     /// Starts the daemon; stop it with [`Daemon::stop`].
@@ -104,6 +177,24 @@ transport = "{transport}"
         }));
         Daemon { stop, task }
     }
+}
+
+/// Drops and creates `syncd_test_<test>` on the test server; returns its URL.
+async fn fresh_postgres_database(test: &str) -> String {
+    let admin = postgres_admin_url();
+    let db = sea_orm::Database::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} does not answer ({e}); .ci/run installs and starts one, or set SYNCD_TEST_POSTGRES_URL"));
+    let name = format!("syncd_test_{test}");
+    db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .expect("old test database dropped");
+    db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("test database created");
+    let mut url = reqwest::Url::parse(&admin).expect("a URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
 }
 
 pub struct Daemon {
@@ -150,4 +241,25 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs an async test scenario once per backend, as two tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$scenario(
+                    super::common::Backend::Sqlite,
+                    concat!(stringify!($scenario), "_sqlite"),
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$scenario(super::common::Backend::Postgres, stringify!($scenario)).await;
+            }
+        }
+    };
 }

@@ -1,0 +1,331 @@
+//! The durable queue, on SQLite and on a real PostgreSQL server: all-or-nothing ingest,
+//! fan-out to several Client Systems, dead letters, and a crash between sending a
+//! batch and recording its acknowledgement.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use client_system::Fault;
+use common::{Backend, Site, eventually, readings};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// How many times each reading id was stored.
+fn times_stored(stored: &[client_system::StoredReading]) -> BTreeMap<i64, usize> {
+    let mut seen = BTreeMap::new();
+    for r in stored {
+        *seen.entry(r.id).or_insert(0) += 1;
+    }
+    seen
+}
+
+async fn post(url: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = syncd::daemon::http_client()
+        .unwrap()
+        .post(url)
+        .body(body)
+        .send()
+        .await
+        .expect("the API answers");
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(Value::Null);
+    (status, json)
+}
+
+fn json_array(n: usize, bad_at: Option<usize>) -> Vec<u8> {
+    let records: Vec<String> = (1..=n)
+        .map(|i| {
+            if Some(i) == bad_at {
+                format!(r#"{{"meter_id":"m{i}","timestamp":1790000000000,"value":"high"}}"#)
+            } else {
+                format!(
+                    r#"{{"meter_id":"m{i}","timestamp":{},"value":{i}.5}}"#,
+                    1_790_000_000_000i64 + i as i64
+                )
+            }
+        })
+        .collect();
+    format!("[{}]", records.join(",")).into_bytes()
+}
+
+async fn ingest_is_all_or_nothing(backend: Backend, test: &str) {
+    let site = Site::build(
+        backend,
+        test,
+        "max_queue_readings = 2500",
+        &[("meterit", "interval = \"1h\"")],
+    )
+    .await;
+    let queue = site.queue().await;
+    let daemon = site.start();
+    let url = format!("{}/v1/readings", site.api());
+    eventually(LIMIT, "the API", || async {
+        syncd::daemon::http_client()
+            .unwrap()
+            .get(format!("{}/healthz", site.api()))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+
+    let (status, body) = post(&url, json_array(5, Some(3))).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["record"], 3, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was queued"),
+        "{body}"
+    );
+
+    let lines = b"{\"meter_id\":\"a\",\"timestamp\":1790000000000,\"value\":1}\n{\"timestamp\":1790000000000,\"value\":1}\n".to_vec();
+    let (status, body) = post(&url, lines).await;
+    assert_eq!((status, body["record"].as_u64()), (400, Some(2)), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("meter_id"),
+        "{body}"
+    );
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        0,
+        "a refused request stored something"
+    );
+
+    let (status, body) = post(&url, json_array(2000, None)).await;
+    assert_eq!(
+        (status, body["queued"].as_u64()),
+        (200, Some(2000)),
+        "{body}"
+    );
+
+    // 2000 + 1000 > max_queue_readings = 2500: refused whole.
+    let (status, body) = post(&url, json_array(1000, None)).await;
+    assert_eq!(status, 507, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_queue_readings"),
+        "{body}"
+    );
+
+    let huge = vec![b' '; syncd::api::MAX_INGEST_BYTES + 1];
+    let (status, _) = post(&url, huge).await;
+    assert_eq!(status, 413);
+
+    assert_eq!(queue.reading_count().await.unwrap(), 2000);
+    daemon.stop().await;
+}
+on_both_backends!(ingest_is_all_or_nothing);
+
+async fn fan_out_survives_one_client_system_down(backend: Backend, test: &str) {
+    let policy =
+        "interval = \"200ms\"\nbatch_size = 500\nbackoff = { initial = \"50ms\", max = \"200ms\" }";
+    let mut site = Site::build(backend, test, "", &[("alpha", policy), ("beta", policy)]).await;
+    site.endpoints[1].stop().await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(1500)).await.unwrap();
+
+    let daemon = site.start();
+    eventually(LIMIT, "alpha to receive everything", || async {
+        site.endpoints[0].server().stats().await.unwrap().readings == 1500
+    })
+    .await;
+    // Beta stays down for many more failed attempts than max_retries (5).
+    eventually(LIMIT, "beta's failures to exceed max_retries", || async {
+        let log = queue.sync_log_since(0).await.unwrap();
+        log.iter()
+            .filter(|r| r.client_system == "beta" && r.outcome == "unreachable")
+            .count()
+            > 10
+    })
+    .await;
+    queue.enqueue(&readings(300)).await.unwrap();
+    eventually(LIMIT, "alpha to receive the late readings", || async {
+        site.endpoints[0].server().stats().await.unwrap().readings == 1800
+    })
+    .await;
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        1800,
+        "beta's readings are kept"
+    );
+    assert!(
+        queue.dead_letters().await.unwrap().is_empty(),
+        "an outage dead-lettered a batch"
+    );
+
+    site.endpoints[1].start().await;
+    eventually(
+        LIMIT,
+        "beta to receive everything after it is back",
+        || async { site.endpoints[1].server().stats().await.unwrap().readings == 1800 },
+    )
+    .await;
+    eventually(LIMIT, "the queue to empty", || async {
+        queue.reading_count().await.unwrap() == 0
+    })
+    .await;
+    daemon.stop().await;
+
+    for endpoint in &site.endpoints {
+        let stored = endpoint.server().stored_readings().await.unwrap();
+        let seen = times_stored(&stored);
+        assert_eq!(seen.len(), 1800, "{}", endpoint.name);
+        assert!(
+            seen.values().all(|&n| n == 1),
+            "{} stored a reading twice",
+            endpoint.name
+        );
+    }
+    assert!(queue.dead_letters().await.unwrap().is_empty());
+}
+on_both_backends!(fan_out_survives_one_client_system_down);
+
+async fn dead_letters_are_listed_requeued_and_purged(backend: Backend, test: &str) {
+    let site = Site::build(
+        backend,
+        test,
+        "",
+        &[("meterit", "batch_size = 10\ninterval = \"100ms\"")],
+    )
+    .await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(20)).await.unwrap();
+    site.client().inject_faults([
+        Fault {
+            status: 400,
+            ..Fault::default()
+        },
+        Fault {
+            status: 422,
+            ..Fault::default()
+        },
+    ]);
+    let daemon = site.start();
+    eventually(LIMIT, "two dead letters", || async {
+        queue.dead_letters().await.unwrap().len() == 2
+    })
+    .await;
+    let dead = queue.dead_letters().await.unwrap();
+    assert!(dead[0].reason.contains("HTTP 400") && dead[1].reason.contains("HTTP 422"));
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        20,
+        "dead letters keep their readings"
+    );
+
+    // Requeue the first: delivered under its own batch id.
+    assert_eq!(
+        queue.requeue_dead_letters(Some(&dead[0].id)).await.unwrap(),
+        1
+    );
+    eventually(LIMIT, "the requeued batch to arrive", || async {
+        site.client().stats().await.unwrap().readings == 10
+    })
+    .await;
+    let stored = site.client().stored_readings().await.unwrap();
+    assert!(
+        stored.iter().all(|r| r.batch_id == dead[0].id),
+        "the batch id changed"
+    );
+    // The Client System stores before it answers: wait for syncd to record the answer.
+    eventually(LIMIT, "the acknowledgement", || async {
+        queue.pending_batch("meterit").await.unwrap().is_none()
+    })
+    .await;
+
+    // Purge the other: its readings go, since no Client System needs them any more.
+    let names = site.config.client_system_names();
+    assert_eq!(queue.purge_dead_letters(None, &names).await.unwrap(), 1);
+    assert!(queue.dead_letters().await.unwrap().is_empty());
+    assert_eq!(queue.reading_count().await.unwrap(), 0);
+
+    let stats = queue.stats_since(0).await.unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(
+        (
+            stats[0].rejected,
+            stats[0].batches_delivered,
+            stats[0].readings_delivered
+        ),
+        (2, 1, 10)
+    );
+    daemon.stop().await;
+}
+on_both_backends!(dead_letters_are_listed_requeued_and_purged);
+
+async fn a_crash_between_sending_and_acknowledging_resends_the_same_batch(
+    backend: Backend,
+    test: &str,
+) {
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(50)).await.unwrap();
+    // The Client System stores the batch, then holds its answer: syncd is killed
+    // before it can record the acknowledgement.
+    site.client().inject_faults([Fault {
+        store: true,
+        delay_ms: Some(30_000),
+        ..Fault::default()
+    }]);
+    let config = site.dir.path().join("sync.toml");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_syncd"))
+            .args(["--config", config.to_str().unwrap(), "run"])
+            .spawn()
+            .expect("syncd starts")
+    };
+    let mut first = run();
+    eventually(LIMIT, "the batch to be stored", || async {
+        site.client().stats().await.unwrap().batches == 1
+    })
+    .await;
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        50,
+        "nothing was acknowledged yet"
+    );
+    let pending = queue
+        .pending_batch("meterit")
+        .await
+        .unwrap()
+        .expect("the batch is recorded");
+
+    let mut second = run();
+    eventually(LIMIT, "the queue to empty after the restart", || async {
+        queue.reading_count().await.unwrap() == 0
+    })
+    .await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &second.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(second.wait().unwrap().success());
+
+    let stats = site.client().stats().await.unwrap();
+    assert_eq!(
+        (stats.batches, stats.duplicates),
+        (1, 1),
+        "re-sent once, dropped as a duplicate"
+    );
+    let stored = site.client().stored_readings().await.unwrap();
+    assert_eq!(stored.len(), 50);
+    assert!(
+        stored.iter().all(|r| r.batch_id == pending.id),
+        "re-sent under another id"
+    );
+    assert!(times_stored(&stored).values().all(|&n| n == 1));
+}
+on_both_backends!(a_crash_between_sending_and_acknowledging_resends_the_same_batch);
