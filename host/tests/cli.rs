@@ -138,3 +138,108 @@ async fn enqueue_then_run_delivers_and_stops_cleanly_on_sigterm() {
     let queue = site.queue().await;
     assert_eq!(queue.reading_count().await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_and_stats_commands() {
+    use client_system::Fault;
+
+    let site = Site::new("batch_size = 5\ninterval = \"100ms\"").await;
+    let queue = site.queue().await;
+    queue.enqueue(&common::readings(10)).await.unwrap();
+    site.client().inject_faults([
+        Fault {
+            status: 400,
+            ..Fault::default()
+        },
+        Fault {
+            status: 400,
+            ..Fault::default()
+        },
+    ]);
+    let daemon = site.start();
+    eventually(Duration::from_secs(60), "two dead letters", || async {
+        queue.dead_letters().await.unwrap().len() == 2
+    })
+    .await;
+    daemon.stop().await;
+    let config = site.dir.path().join("sync.toml");
+    let config = config.to_str().unwrap();
+
+    let out = syncd(&["-c", config, "dead-letter", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[0]["reason"].as_str().unwrap().contains("HTTP 400"));
+    let first = listed[0]["id"].as_str().unwrap();
+    let table = text(&syncd(&["-c", config, "dead-letter", "list"]).stdout);
+    assert!(
+        table.contains(first) && table.contains("HTTP 400"),
+        "{table}"
+    );
+
+    let out = syncd(&["-c", config, "dead-letter", "requeue", first]);
+    assert!(
+        text(&out.stdout).contains("requeued 1 dead letter"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = syncd(&["-c", config, "dead-letter", "requeue", "no-such-batch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no dead letter with batch id no-such-batch"));
+    let out = syncd(&["-c", config, "dead-letter", "requeue"]);
+    assert_eq!(out.status.code(), Some(2), "an id or --all is required");
+    let out = syncd(&["-c", config, "dead-letter", "purge", "--all"]);
+    assert!(
+        text(&out.stdout).contains("purged 1 dead letter"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(queue.dead_letters().await.unwrap().len(), 0);
+    assert!(
+        queue.pending_batch("meterit").await.unwrap().is_some(),
+        "the requeued batch waits"
+    );
+
+    let out = syncd(&["-c", config, "stats", "--hours", "1", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["client_systems"][0]["client_system"], "meterit");
+    assert_eq!(stats["client_systems"][0]["rejected"], 2);
+    let table = text(&syncd(&["-c", config, "stats"]).stdout);
+    assert!(table.lines().any(|l| l.starts_with("meterit")), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_reads_csv_all_or_nothing() {
+    let site = Site::new("").await;
+    let config = site.dir.path().join("sync.toml");
+    let config = config.to_str().unwrap();
+    let csv = site.dir.path().join("readings.csv");
+    std::fs::write(
+        &csv,
+        "meter_id,channel,timestamp,value,unit,attr.phase\nelec-1,kwh,2026-11-22T10:00:00Z,1.5,kWh,L1\nelec-2,kwh,1795341600000,2,kWh,\n",
+    )
+    .unwrap();
+    let out = syncd(&["-c", config, "enqueue", csv.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("queued 2 readings"));
+
+    std::fs::write(
+        &csv,
+        "meter_id,timestamp,value\nelec-1,1795341600000,1\nelec-2,1795341600000,\n",
+    )
+    .unwrap();
+    let out = syncd(&["-c", config, "enqueue", csv.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("record 2: value is missing"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        site.queue().await.reading_count().await.unwrap(),
+        2,
+        "the bad file queued nothing"
+    );
+}

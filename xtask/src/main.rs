@@ -3,7 +3,8 @@
 //! - `plugins`: build every crate under `plugins/` into `target/plugins/<crate>.wasm`;
 //! - `test`: build the plugins, then run every test of the workspace;
 //! - `demo`: build everything, start the reference Client System and syncd with
-//!   `sync.toml`, enqueue sample readings, show them arriving, stop everything.
+//!   `sync.toml`, enqueue sample readings, show them arriving, stop everything;
+//! - `bench`: build in release mode and print the benchmarks' figures.
 
 mod demo;
 mod plugins;
@@ -58,11 +59,13 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <plugins|test|demo>
+const USAGE: &str = "usage: cargo xtask <plugins|test|demo|bench>
 
   plugins   build every crate under plugins/ into target/plugins/<crate>.wasm
   test      build the plugins, then run every test of the workspace
-  demo      run syncd against the reference Client System on loopback";
+  demo      run syncd against the reference Client System on loopback
+  bench     build in release mode and print the benchmarks' figures
+            (options: --large N readings for the large backlog, --postgres URL)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Some("plugins") => plugins::build(&ws).map(drop),
         Some("test") => test(&ws, &args[1..]),
         Some("demo") => demo::run(&ws),
+        Some("bench") => bench(&ws, &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -86,6 +90,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds the plugins, then runs the benchmarks in release mode; extra arguments go
+/// to the benchmark.
+fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
+    plugins::build(ws)?;
+    run(Command::new(&ws.cargo)
+        .current_dir(&ws.root)
+        .args(["bench", "--locked", "-p", "syncd", "--bench", "queue", "--"])
+        .args(extra))
 }
 
 /// Builds the plugins, then runs every test; extra arguments go to `cargo test`.

@@ -17,8 +17,8 @@ use anyhow::{Context, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
+    DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, Statement, TransactionTrait,
 };
 use syncd_migrations::{Migrator, MigratorTrait};
 
@@ -30,6 +30,11 @@ use entities::{batch, client_system, dead_letter, reading, sync_log};
 /// Rows per INSERT statement when enqueueing (SQLite allows 32766 bound values; a
 /// reading binds 7).
 const INSERT_CHUNK: usize = 1000;
+
+/// The PostgreSQL advisory lock every ingest transaction holds ("syncd" in ASCII). A
+/// program that inserts readings with plain SQL into a PostgreSQL queue must take it
+/// too (`SELECT pg_advisory_xact_lock(495958516580)` first in its transaction).
+pub const INGEST_LOCK_KEY: i64 = 0x73_79_6e_63_64;
 
 /// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
 const POSTGRES_POOL: u32 = 8;
@@ -234,6 +239,18 @@ impl Queue {
     /// none (for files too large to hold in memory).
     pub async fn ingest(&self) -> Result<Ingest> {
         let txn = self.db.begin().await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            // Progress is "batched through id N", which is only sound if readings commit
+            // in id order. PostgreSQL hands out ids as transactions insert, and they may
+            // commit in another order; taking this lock first makes every ingest
+            // allocate and commit its ids in turn. (SQLite writes one at a time anyway.)
+            txn.execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT pg_advisory_xact_lock({INGEST_LOCK_KEY})"),
+            ))
+            .await
+            .context("failed to take the ingest lock")?;
+        }
         let room = match self.max_readings {
             Some(limit) => Some((limit, queued_span(&txn).await?)),
             None => None,
@@ -404,6 +421,19 @@ impl Queue {
         log_attempt(&txn, attempt).await?;
         txn.commit().await?;
         Ok(())
+    }
+
+    /// Whether any reading is queued: a cheap check at any queue size (unlike
+    /// [`Queue::reading_count`], which counts).
+    pub async fn has_readings(&self) -> Result<bool> {
+        Ok(reading::Entity::find()
+            .select_only()
+            .column(reading::Column::Id)
+            .limit(1)
+            .into_tuple::<i64>()
+            .one(&self.db)
+            .await?
+            .is_some())
     }
 
     /// Readings in the queue, whoever they are for.

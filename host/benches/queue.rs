@@ -1,0 +1,316 @@
+//! Queue benchmark (`cargo xtask bench`): ingest through the local API, and backlog
+//! drain through both real plugins to the reference Client System on loopback, with a
+//! small and a large backlog. Prints a table and writes `target/bench/queue.json`.
+//!
+//! Arguments: `--large N` (default 1000000) readings for the large backlog;
+//! `--postgres URL` to run on that PostgreSQL database instead of SQLite.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use client_system::{Options, Server};
+use syncd::config::Config;
+use syncd::queue::Queue;
+use syncd::reading::NewReading;
+
+const INGEST_REQUESTS: usize = 200;
+const READINGS_PER_REQUEST: usize = 1000;
+const SMALL_BACKLOG: usize = 10_000;
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+struct Bench {
+    dir: tempfile::TempDir,
+    client: Server,
+    database_url: String,
+}
+
+impl Bench {
+    async fn new(postgres: Option<&str>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let client = Server::start(
+            "127.0.0.1:0".parse()?,
+            Options {
+                api_key: "bench".into(),
+                database: dir.path().join("client-system.db"),
+            },
+        )
+        .await?;
+        let database_url = match postgres {
+            Some(url) => url.to_owned(),
+            None => "sqlite://syncd.db".to_owned(),
+        };
+        Ok(Self {
+            dir,
+            client,
+            database_url,
+        })
+    }
+
+    /// A fresh site: a new SQLite file (or emptied PostgreSQL tables).
+    async fn site(&self, name: &str) -> Result<Config> {
+        self.site_for(name, &self.client.base_url()).await
+    }
+
+    /// A Client System of its own, storing into a new file.
+    async fn fresh_client(&self, name: &str) -> Result<Server> {
+        Server::start(
+            "127.0.0.1:0".parse()?,
+            Options {
+                api_key: "bench".into(),
+                database: self.dir.path().join(format!("client-system-{name}.db")),
+            },
+        )
+        .await
+    }
+
+    async fn site_for(&self, name: &str, base_url: &str) -> Result<Config> {
+        let plugins = target_dir().join("plugins");
+        let url = if self.database_url.starts_with("sqlite") {
+            format!("sqlite://{name}.db")
+        } else {
+            self.database_url.clone()
+        };
+        let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let text = format!(
+            r#"
+[site]
+id = "bench"
+[database]
+url = "{url}"
+[api]
+listen = "{api}"
+[[client_system]]
+name = "meterit"
+base_url = "{base}"
+api_key = "bench"
+encoder = "{encoder}"
+transport = "{transport}"
+interval = "1h"
+batch_size = 1000
+"#,
+            base = base_url,
+            encoder = plugins.join("json_batch.wasm").display(),
+            transport = plugins.join("meterit_http.wasm").display(),
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text)?;
+        let config = Config::load(&path)?;
+        if !url.starts_with("sqlite") {
+            empty_tables(&config).await?;
+        }
+        Ok(config)
+    }
+}
+
+async fn empty_tables(config: &Config) -> Result<()> {
+    use sea_orm::ConnectionTrait;
+    Queue::open_for(config).await?;
+    let db = sea_orm::Database::connect(&config.database.url).await?;
+    db.execute_unprepared(
+        "TRUNCATE readings, batches, dead_letters, sync_log, client_systems RESTART IDENTITY",
+    )
+    .await?;
+    Ok(())
+}
+
+fn reading(i: usize) -> NewReading {
+    NewReading {
+        meter_id: format!("elec-{:05}", i % 20_000),
+        channel: "import-kwh".into(),
+        timestamp_ms: 1_795_305_600_000 + (i as i64) * 1000,
+        value: 1000.0 + i as f64 * 0.125,
+        unit: "kWh".into(),
+        quality: "good".into(),
+        attributes: Vec::new(),
+    }
+}
+
+/// A request body of `n` readings as JSON (~110 bytes each).
+fn request_body(start: usize, n: usize) -> Vec<u8> {
+    let mut out = String::with_capacity(n * 120);
+    out.push('[');
+    for i in start..start + n {
+        if i > start {
+            out.push(',');
+        }
+        let r = reading(i);
+        out.push_str(&format!(
+            r#"{{"meter_id":"{}","channel":"{}","timestamp":{},"value":{},"unit":"kWh","quality":"good"}}"#,
+            r.meter_id, r.channel, r.timestamp_ms, r.value
+        ));
+    }
+    out.push(']');
+    out.into_bytes()
+}
+
+/// Readings/s of `POST /v1/readings`, two clients at a time.
+async fn ingest(bench: &Bench) -> Result<f64> {
+    let config = bench.site("ingest").await?;
+    let url = format!("http://{}/v1/readings", config.api.listen);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let http = syncd::daemon::http_client()?;
+    let health = format!("http://{}/healthz", config.api.listen);
+    while http.get(&health).send().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bodies: Vec<Vec<u8>> = (0..INGEST_REQUESTS)
+        .map(|r| request_body(r * READINGS_PER_REQUEST, READINGS_PER_REQUEST))
+        .collect();
+    let started = Instant::now();
+    let mut lanes = Vec::new();
+    for lane in 0..2 {
+        let http = http.clone();
+        let url = url.clone();
+        let mine: Vec<Vec<u8>> = bodies.iter().skip(lane).step_by(2).cloned().collect();
+        lanes.push(tokio::spawn(async move {
+            for body in mine {
+                let response = http.post(&url).body(body).send().await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "ingest answered {}",
+                    response.status()
+                );
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for lane in lanes {
+        lane.await??;
+    }
+    let elapsed = started.elapsed();
+    let _ = stop.send(());
+    daemon.await??;
+    Ok((INGEST_REQUESTS * READINGS_PER_REQUEST) as f64 / elapsed.as_secs_f64())
+}
+
+/// Readings/s of draining a backlog of `n` readings to the Client System, timed by the
+/// sync log from the end of the first attempt to the end of the last: the first attempt
+/// carries the warm-up (instantiating the plugins, the transport's authentication),
+/// which would otherwise weigh on a small backlog far more than on a large one.
+async fn drain(bench: &Bench, n: usize, run: usize) -> Result<f64> {
+    // A Client System of its own, so that every drain delivers to a sink in the same
+    // state (its store grows with what it receives).
+    let name = format!("drain-{n}-{run}");
+    let client = bench.fresh_client(&name).await?;
+    let config = bench.site_for(&name, &client.base_url()).await?;
+    let queue = Queue::open_for(&config).await?;
+    let chunk = 10_000;
+    let mut queued = 0;
+    while queued < n {
+        let readings: Vec<NewReading> = (queued..(queued + chunk).min(n)).map(reading).collect();
+        queue.enqueue(&readings).await?;
+        queued += readings.len();
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let limit = Instant::now() + Duration::from_secs(600);
+    while queue.has_readings().await? {
+        anyhow::ensure!(
+            Instant::now() < limit,
+            "the backlog did not drain within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    daemon.await??;
+    client.stop().await;
+    let log = queue.sync_log_since(0).await?;
+    let first = log.first().context("no attempt logged")?;
+    let last = log.last().context("no attempt logged")?;
+    let delivered: i64 = log
+        .iter()
+        .filter(|r| r.outcome == "accepted")
+        .map(|r| i64::from(r.reading_count))
+        .sum();
+    anyhow::ensure!(
+        delivered as usize == n,
+        "{delivered} of {n} readings delivered"
+    );
+    let warm_from = first.started_at_ms + first.duration_ms;
+    let span_ms = (last.started_at_ms + last.duration_ms - warm_from).max(1);
+    let measured = n - first.reading_count as usize;
+    Ok(measured as f64 / (span_ms as f64 / 1000.0))
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(path.parent().context("a parent")?)?;
+    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let large: usize = arg("--large")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let postgres = arg("--postgres");
+    let backend = if postgres.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let bench = Bench::new(postgres.as_deref()).await?;
+
+    eprintln!("bench: ingest, {INGEST_REQUESTS} requests of {READINGS_PER_REQUEST} readings…");
+    let ingest_rate = ingest(&bench).await?;
+    // A small backlog drains in well under a second: take the median of three runs.
+    let mut smalls = Vec::new();
+    for run in 1..=3 {
+        eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of 3…");
+        smalls.push(drain(&bench, SMALL_BACKLOG, run).await?);
+    }
+    eprintln!("bench: small drains: {smalls:.0?} readings/s");
+    smalls.sort_by(f64::total_cmp);
+    let small = smalls[1];
+    eprintln!("bench: drain, {large} queued…");
+    let big = drain(&bench, large, 1).await?;
+
+    println!("queue benchmark ({backend}, batches of 1000, release build, loopback)");
+    println!("{:<44} {:>14}", "measure", "readings/s");
+    println!(
+        "{:<44} {:>14.0}",
+        "ingest, POST /v1/readings (2 clients)", ingest_rate
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        format!("drain, {SMALL_BACKLOG} queued"),
+        small
+    );
+    println!("{:<44} {:>14.0}", format!("drain, {large} queued"), big);
+    println!("{:<44} {:>14.2}", "drain ratio large/small", big / small);
+
+    let json = serde_json::json!({
+        "backend": backend,
+        "ingest_readings_per_s": ingest_rate,
+        "drain": [
+            { "queued": SMALL_BACKLOG, "readings_per_s": small },
+            { "queued": large, "readings_per_s": big },
+        ],
+        "drain_ratio_large_over_small": big / small,
+    });
+    let out = target_dir()
+        .join("bench")
+        .join(format!("queue-{backend}.json"));
+    write_json(&out, &json)?;
+    eprintln!("bench: wrote {}", out.display());
+    Ok(())
+}
