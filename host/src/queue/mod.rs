@@ -34,7 +34,7 @@ const INSERT_CHUNK: usize = 1000;
 /// The PostgreSQL advisory lock every ingest transaction holds ("syncd" in ASCII). A
 /// program that inserts readings with plain SQL into a PostgreSQL queue must take it
 /// too (`SELECT pg_advisory_xact_lock(495958516580)` first in its transaction).
-pub const INGEST_LOCK_KEY: i64 = 0x73_79_6e_63_64;
+pub const INGEST_LOCK_KEY: i64 = 495_958_516_580;
 
 /// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
 const POSTGRES_POOL: u32 = 8;
