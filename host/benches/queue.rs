@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use client_system::{Options, Server};
 use syncd::config::Config;
 use syncd::queue::Queue;
+use syncd::queue::entities::sync_log as syncd_log;
 use syncd::reading::NewReading;
 
 const INGEST_REQUESTS: usize = 200;
@@ -196,7 +197,46 @@ async fn ingest(bench: &Bench) -> Result<f64> {
 /// sync log from the end of the first attempt to the end of the last: the first attempt
 /// carries the warm-up (instantiating the plugins, the transport's authentication),
 /// which would otherwise weigh on a small backlog far more than on a large one.
-async fn drain(bench: &Bench, n: usize, run: usize) -> Result<f64> {
+/// What one drain measured.
+struct Drain {
+    /// Readings/s over the whole drain (after the first attempt).
+    rate: f64,
+    /// Readings/s over the first and the last [`WINDOW`] batches: with the backlog at
+    /// its largest, and nearly empty. Their ratio answers, within one run, whether
+    /// draining slows down with the size of the backlog.
+    head_and_tail: Option<(f64, f64)>,
+    /// Mean ms per batch spent inside the attempt (encode + upload, the Client System
+    /// included) and between attempts (syncd's database work), first and last window.
+    head_split: (f64, f64),
+    tail_split: (f64, f64),
+}
+
+fn split(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> (f64, f64) {
+    let inside: i64 = rows.iter().map(|r| r.duration_ms).sum();
+    let mut prev_end = before.started_at_ms + before.duration_ms;
+    let mut between = 0;
+    for r in rows {
+        between += r.started_at_ms - prev_end;
+        prev_end = r.started_at_ms + r.duration_ms;
+    }
+    let n = rows.len() as f64;
+    (inside as f64 / n, between as f64 / n)
+}
+
+/// Batches per window of [`Drain::head_and_tail`].
+const WINDOW: usize = 100;
+
+/// Readings/s over consecutive accepted attempts `rows`, from the end of the one before
+/// them to the end of the last.
+fn window_rate(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> f64 {
+    let last = &rows[rows.len() - 1];
+    let span_ms =
+        (last.started_at_ms + last.duration_ms - before.started_at_ms - before.duration_ms).max(1);
+    let readings: i64 = rows.iter().map(|r| i64::from(r.reading_count)).sum();
+    readings as f64 / (span_ms as f64 / 1000.0)
+}
+
+async fn drain(bench: &Bench, n: usize, run: usize) -> Result<Drain> {
     // A Client System of its own, so that every drain delivers to a sink in the same
     // state (its store grows with what it receives).
     let name = format!("drain-{n}-{run}");
@@ -240,7 +280,27 @@ async fn drain(bench: &Bench, n: usize, run: usize) -> Result<f64> {
     let warm_from = first.started_at_ms + first.duration_ms;
     let span_ms = (last.started_at_ms + last.duration_ms - warm_from).max(1);
     let measured = n - first.reading_count as usize;
-    Ok(measured as f64 / (span_ms as f64 / 1000.0))
+    let head_and_tail = (log.len() > 2 * WINDOW + 1).then(|| {
+        let head = window_rate(&log[0], &log[1..=WINDOW]);
+        let tail_start = log.len() - WINDOW;
+        let tail = window_rate(&log[tail_start - 1], &log[tail_start..]);
+        (head, tail)
+    });
+    let (head_split, tail_split) = if log.len() > 2 * WINDOW + 1 {
+        let tail_start = log.len() - WINDOW;
+        (
+            split(&log[0], &log[1..=WINDOW]),
+            split(&log[tail_start - 1], &log[tail_start..]),
+        )
+    } else {
+        ((0.0, 0.0), (0.0, 0.0))
+    };
+    Ok(Drain {
+        rate: measured as f64 / (span_ms as f64 / 1000.0),
+        head_and_tail,
+        head_split,
+        tail_split,
+    })
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -276,13 +336,14 @@ async fn main() -> Result<()> {
     let mut smalls = Vec::new();
     for run in 1..=3 {
         eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of 3…");
-        smalls.push(drain(&bench, SMALL_BACKLOG, run).await?);
+        smalls.push(drain(&bench, SMALL_BACKLOG, run).await?.rate);
     }
     eprintln!("bench: small drains: {smalls:.0?} readings/s");
     smalls.sort_by(f64::total_cmp);
     let small = smalls[1];
     eprintln!("bench: drain, {large} queued…");
-    let big = drain(&bench, large, 1).await?;
+    let big_drain = drain(&bench, large, 1).await?;
+    let big = big_drain.rate;
 
     println!("queue benchmark ({backend}, batches of 1000, release build, loopback)");
     println!("{:<44} {:>14}", "measure", "readings/s");
@@ -297,6 +358,33 @@ async fn main() -> Result<()> {
     );
     println!("{:<44} {:>14.0}", format!("drain, {large} queued"), big);
     println!("{:<44} {:>14.2}", "drain ratio large/small", big / small);
+    if let Some((head, tail)) = big_drain.head_and_tail {
+        for (label, (inside, between)) in [
+            ("first", big_drain.head_split),
+            ("last", big_drain.tail_split),
+        ] {
+            println!(
+                "{:<44} {:>14}",
+                format!("  {label} {WINDOW}: ms per batch in attempt / between"),
+                format!("{inside:.1} / {between:.1}")
+            );
+        }
+        println!(
+            "{:<44} {:>14.0}",
+            format!("  first {WINDOW} batches of the {large}"),
+            head
+        );
+        println!(
+            "{:<44} {:>14.0}",
+            format!("  last {WINDOW} batches of the {large}"),
+            tail
+        );
+        println!(
+            "{:<44} {:>14.2}",
+            "  ratio first/last (same run)",
+            head / tail
+        );
+    }
 
     let json = serde_json::json!({
         "backend": backend,
@@ -306,6 +394,7 @@ async fn main() -> Result<()> {
             { "queued": large, "readings_per_s": big },
         ],
         "drain_ratio_large_over_small": big / small,
+        "large_drain_head_and_tail_readings_per_s": big_drain.head_and_tail,
     });
     let out = target_dir()
         .join("bench")
