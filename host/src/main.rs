@@ -62,6 +62,12 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Ask the running daemon to sync now, every Client System or the one named.
+    Sync {
+        /// The Client System.
+        #[arg(long)]
+        client: Option<String>,
+    },
     /// Delivery statistics per Client System, from the sync log.
     Stats {
         /// The period, in hours back from now.
@@ -170,6 +176,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Enqueue { file, format } => enqueue(&cli.config, &file, format).await,
         Command::DeadLetter { command } => dead_letter(&cli.config, command).await,
         Command::Stats { hours, json } => stats(&cli.config, hours, json).await,
+        Command::Sync { client } => sync_now(&cli.config, client.as_deref()).await,
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
             Queue::open(
@@ -378,6 +385,34 @@ async fn stats(config_path: &Path, hours: f64, json: bool) -> Result<()> {
 fn format_ms(ms: i64) -> String {
     let time = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let mut url = reqwest::Url::parse(&format!("http://{}/v1/sync", config.api.listen))?;
+    if let Some(name) = client {
+        url.query_pairs_mut().append_pair("client", name);
+    }
+    let response = syncd::daemon::http_client()?
+        .post(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "the daemon refused: {}",
+            body["error"].as_str().unwrap_or(status.as_str())
+        );
+    }
+    let names: Vec<&str> = body["triggered"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    println!("syncing now: {}", names.join(", "));
+    Ok(())
 }
 
 /// Asks a daemon listening on `[api] listen` to sync now; false if none answers.

@@ -4,7 +4,9 @@
 //! pending batch if there is one (when it is due, or at once when triggered), else
 //! records a new batch of up to `batch_size` readings, until nothing is left to send.
 //! Every attempt is logged to `sync_log` in the same transaction that records its
-//! effect on the batch.
+//! effect on the batch. Every `heartbeat`, the worker sends the Client System a
+//! heartbeat through the transport, with the readings queued for it, its last success
+//! and the daemon's version.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,6 +101,10 @@ pub struct Worker {
     pub trigger: Arc<Notify>,
     /// Consecutive attempts that found the Client System out of reach.
     outage_streak: u32,
+    /// When the next heartbeat is due.
+    next_heartbeat: tokio::time::Instant,
+    /// When a batch was last delivered, ms since the Unix epoch.
+    last_success_ms: Option<i64>,
 }
 
 /// Why a wait ended.
@@ -109,7 +115,7 @@ enum Wake {
 }
 
 /// Waits for `pause`, a trigger, or shutdown, whichever comes first.
-async fn wait(trigger: &Notify, pause: Duration, shutdown: &mut watch::Receiver<bool>) -> Wake {
+async fn wait_for(trigger: &Notify, pause: Duration, shutdown: &mut watch::Receiver<bool>) -> Wake {
     tokio::select! {
         _ = tokio::time::sleep(pause) => Wake::Elapsed,
         _ = trigger.notified() => Wake::Triggered,
@@ -140,6 +146,56 @@ impl Worker {
             all_client_systems,
             trigger,
             outage_streak: 0,
+            next_heartbeat: tokio::time::Instant::now(),
+            last_success_ms: None,
+        }
+    }
+
+    /// Waits for `pause`, a trigger or shutdown, sending heartbeats as they fall due
+    /// meanwhile.
+    async fn pause(&mut self, pause: Duration, shutdown: &mut watch::Receiver<bool>) -> Wake {
+        let until = tokio::time::Instant::now() + pause;
+        let trigger = Arc::clone(&self.trigger);
+        loop {
+            let heartbeat_first = self.next_heartbeat < until;
+            let wake_at = if heartbeat_first {
+                self.next_heartbeat
+            } else {
+                until
+            };
+            let wait = wake_at.saturating_duration_since(tokio::time::Instant::now());
+            match wait_for(&trigger, wait, shutdown).await {
+                Wake::Elapsed if heartbeat_first => self.heartbeat_if_due().await,
+                wake => return wake,
+            }
+        }
+    }
+
+    /// Sends a heartbeat through the transport if one is due. A failed heartbeat is
+    /// logged and tried again at the next one.
+    async fn heartbeat_if_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now < self.next_heartbeat {
+            return;
+        }
+        self.next_heartbeat = now + self.policy.heartbeat;
+        let queued = match self.queue.queued_for(&self.name).await {
+            Ok(queued) => queued,
+            Err(error) => {
+                warn!("heartbeat skipped: cannot read the queue: {error:#}");
+                return;
+            }
+        };
+        let status = types::SiteStatus {
+            site_id: self.site_id.clone(),
+            queued,
+            last_success_ms: self.last_success_ms,
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        match self.transport.heartbeat(&status).await {
+            Ok(Ok(())) => debug!(queued, "heartbeat sent"),
+            Ok(Err(reason)) => warn!(%reason, "heartbeat refused"),
+            Err(error) => warn!("heartbeat failed: {error}"),
         }
     }
 
@@ -165,8 +221,7 @@ impl Worker {
                 if *shutdown.borrow() {
                     break;
                 }
-                let trigger = Arc::clone(&self.trigger);
-                if let Wake::Shutdown = wait(&trigger, pause, &mut shutdown).await {
+                if let Wake::Shutdown = self.pause(pause, &mut shutdown).await {
                     break;
                 }
             }
@@ -183,13 +238,14 @@ impl Worker {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            // A long backlog must not silence the heartbeat.
+            self.heartbeat_if_due().await;
             if let Some(batch) = self.queue.pending_batch(&self.name).await? {
                 let wait_ms = batch.next_attempt_at_ms - now_ms();
                 if wait_ms > 0 {
                     let pause = Duration::from_millis(wait_ms as u64);
                     debug!(batch_id = %batch.id, ?pause, "waiting to retry");
-                    let trigger = Arc::clone(&self.trigger);
-                    if let Wake::Shutdown = wait(&trigger, pause, shutdown).await {
+                    if let Wake::Shutdown = self.pause(pause, shutdown).await {
                         return Ok(());
                     }
                 }
@@ -239,6 +295,7 @@ impl Worker {
         }
         match verdict {
             Verdict::Accepted => {
+                self.last_success_ms = Some(now_ms());
                 let pruned = self
                     .queue
                     .acknowledge(&batch, attempt, &self.all_client_systems)

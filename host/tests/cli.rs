@@ -243,3 +243,46 @@ async fn enqueue_reads_csv_all_or_nothing() {
         "the bad file queued nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_asks_the_running_daemon() {
+    let site = Site::new("interval = \"1h\"").await;
+    let config = site.dir.path().join("sync.toml");
+    let config = config.to_str().unwrap();
+    let out = syncd(&["-c", config, "sync"]);
+    assert_eq!(out.status.code(), Some(1), "no daemon yet");
+    assert!(
+        text(&out.stderr).contains("no daemon answers"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let daemon = site.start();
+    let queue = site.queue().await;
+    eventually(Duration::from_secs(30), "the daemon's API", || async {
+        syncd(&["-c", config, "sync", "--client", "meterit"])
+            .status
+            .success()
+    })
+    .await;
+    // Readings queued after the start-up sync wait for the hour... unless asked.
+    queue.enqueue(&common::readings(4)).await.unwrap();
+    let out = syncd(&["-c", config, "sync", "--client", "meterit"]);
+    assert!(
+        text(&out.stdout).contains("syncing now: meterit"),
+        "{}",
+        text(&out.stderr)
+    );
+    eventually(Duration::from_secs(30), "delivery on request", || async {
+        site.client().stats().await.unwrap().readings == 4
+    })
+    .await;
+    let out = syncd(&["-c", config, "sync", "--client", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no client system named \"nobody\""),
+        "{}",
+        text(&out.stderr)
+    );
+    daemon.stop().await;
+}

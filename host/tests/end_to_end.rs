@@ -171,3 +171,29 @@ async fn readings_queued_by_another_process_are_picked_up() {
     daemon.stop().await;
     assert_eq!(queue.reading_count().await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_the_queue_depth_and_last_success() {
+    // Deliveries only at start (interval 1h); heartbeats every 100 ms.
+    let site = Site::new("interval = \"1h\"\nheartbeat = \"100ms\"").await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(3)).await.unwrap();
+    let daemon = site.start();
+    eventually(LIMIT, "the first delivery", || async {
+        site.client().stats().await.unwrap().readings == 3
+    })
+    .await;
+    queue.enqueue(&readings(7)).await.unwrap();
+    eventually(LIMIT, "a heartbeat reporting 7 queued", || async {
+        site.client().heartbeats().iter().any(|h| h["queued"] == 7)
+    })
+    .await;
+    daemon.stop().await;
+
+    let beats = site.client().heartbeats();
+    let last = beats.iter().rev().find(|h| h["queued"] == 7).unwrap();
+    assert_eq!(last["site_id"], "site-test");
+    assert_eq!(last["daemon_version"], env!("CARGO_PKG_VERSION"));
+    assert!(last["last_success_ms"].as_i64().is_some(), "{last}");
+    assert!(beats.len() >= 2, "heartbeats repeat: {}", beats.len());
+}

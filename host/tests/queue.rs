@@ -422,3 +422,18 @@ async fn a_reading_committed_late_with_a_lower_id_is_not_skipped(backend: Backen
     );
 }
 on_both_backends!(a_reading_committed_late_with_a_lower_id_is_not_skipped);
+
+async fn concurrent_first_opens_all_succeed(backend: Backend, test: &str) {
+    // The daemon and `syncd enqueue` started together on a new database both migrate it.
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let config = site.config.clone();
+            tokio::spawn(async move { syncd::queue::Queue::open_for(&config).await.map(drop) })
+        })
+        .collect();
+    for open in opens {
+        open.await.unwrap().expect("every concurrent open succeeds");
+    }
+}
+on_both_backends!(concurrent_first_opens_all_succeed);

@@ -177,6 +177,7 @@ impl MigrationTrait for Migration {
         manager
             .create_index(
                 Index::create()
+                    .if_not_exists()
                     .name("batches_by_client_system")
                     .table(Batches::Table)
                     .col(Batches::ClientSystem)
@@ -230,6 +231,7 @@ impl MigrationTrait for Migration {
         manager
             .create_index(
                 Index::create()
+                    .if_not_exists()
                     .name("dead_letters_by_first_reading")
                     .table(DeadLetters::Table)
                     .col(DeadLetters::FirstReadingId)
@@ -267,6 +269,7 @@ impl MigrationTrait for Migration {
         manager
             .create_index(
                 Index::create()
+                    .if_not_exists()
                     .name("sync_log_by_time")
                     .table(SyncLog::Table)
                     .col(SyncLog::StartedAtMs)

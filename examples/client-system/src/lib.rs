@@ -200,6 +200,11 @@ impl Server {
         stored_readings(&self.state).await
     }
 
+    /// Every heartbeat received, oldest first, as sent.
+    pub fn heartbeats(&self) -> Vec<serde_json::Value> {
+        lock(&self.state.heartbeats).clone()
+    }
+
     /// Queues failures for the next batch uploads.
     pub fn inject_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.state.faults).extend(faults);

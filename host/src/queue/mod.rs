@@ -208,9 +208,7 @@ impl Queue {
         let db = Database::connect(options)
             .await
             .with_context(|| format!("failed to open the database {}", redact_url(url)))?;
-        Migrator::up(&db, None)
-            .await
-            .context("failed to bring the database schema up to date")?;
+        migrate(&db).await?;
         Ok(Self {
             db,
             max_readings: None,
@@ -423,6 +421,27 @@ impl Queue {
         Ok(())
     }
 
+    /// About how many readings are queued for a Client System and not yet
+    /// acknowledged by it (those in its dead letters aside), cheap at any queue size:
+    /// the ids past its progress plus its recorded batches. Can only overstate.
+    pub async fn queued_for(&self, client_system: &str) -> Result<u64> {
+        let progress = client_system::Entity::find_by_id(client_system)
+            .one(&self.db)
+            .await?
+            .with_context(|| format!("client system {client_system} is not registered"))?;
+        let newest = max_reading_id(&self.db).await?;
+        let in_batches: Option<i64> = batch::Entity::find()
+            .select_only()
+            .column_as(Expr::cust("CAST(SUM(reading_count) AS BIGINT)"), "n")
+            .filter(batch::Column::ClientSystem.eq(client_system))
+            .into_tuple()
+            .one(&self.db)
+            .await?
+            .flatten();
+        let unbatched = (newest - progress.batched_through).max(0);
+        Ok((unbatched + in_batches.unwrap_or(0)) as u64)
+    }
+
     /// Whether any reading is queued: a cheap check at any queue size (unlike
     /// [`Queue::reading_count`], which counts).
     pub async fn has_readings(&self) -> Result<bool> {
@@ -570,6 +589,27 @@ impl Queue {
             .order_by_asc(sync_log::Column::Id)
             .all(&self.db)
             .await?)
+    }
+}
+
+/// Brings the schema up to date. Two processes starting on a new database (the daemon
+/// and `syncd enqueue`, say) may run the migrations at the same moment; the one that
+/// loses finds them applied when it tries again.
+async fn migrate(db: &DatabaseConnection) -> Result<()> {
+    const TRIES: u32 = 5;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match Migrator::up(db, None).await {
+            Ok(()) => return Ok(()),
+            Err(error) if tries < TRIES => {
+                tracing::debug!("migration raced another process, trying again: {error}");
+                tokio::time::sleep(Duration::from_millis(200) * tries).await;
+            }
+            Err(error) => {
+                return Err(error).context("failed to bring the database schema up to date");
+            }
+        }
     }
 }
 
