@@ -5,6 +5,8 @@
 //!   200 `{"queued": N}`; 400 naming the record and field; 413 past
 //!   [`MAX_INGEST_BYTES`]; 507 when the queue is full (`max_queue_readings`).
 //! - `POST /v1/sync[?client=NAME]`: sync now, every Client System or the one named.
+//! - `GET /v1/status`: per Client System, what its worker is doing, and the readings
+//!   queued for it.
 //! - `GET /v1/stats[?hours=N]`: per Client System, what `sync_log` says of the last N
 //!   hours (default 24).
 //!
@@ -24,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use crate::queue::{Queue, QueueFull};
+use crate::sync::SharedStatus;
 
 /// Largest request body `POST /v1/readings` accepts.
 pub const MAX_INGEST_BYTES: usize = 32 * 1024 * 1024;
@@ -33,6 +36,10 @@ pub const MAX_INGEST_BYTES: usize = 32 * 1024 * 1024;
 pub struct State {
     /// Each worker's "sync now" trigger, by Client System name.
     pub triggers: Arc<BTreeMap<String, Arc<Notify>>>,
+    /// Each worker's status, by Client System name.
+    pub statuses: Arc<BTreeMap<String, SharedStatus>>,
+    /// The site's id.
+    pub site_id: String,
     /// The queue.
     pub queue: Queue,
 }
@@ -56,6 +63,7 @@ pub async fn serve(
         .route("/v1/readings", post(ingest))
         .route("/v1/sync", post(sync_now))
         .route("/v1/stats", get(stats))
+        .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_INGEST_BYTES))
         .with_state(state);
     let result = axum::serve(listener, app)
@@ -118,6 +126,33 @@ async fn ingest(
             }
         },
     }
+}
+
+async fn status(Extract(state): Extract<State>) -> (StatusCode, Json<Value>) {
+    let mut client_systems = Vec::new();
+    for (name, shared) in state.statuses.iter() {
+        let snapshot = shared
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let mut entry = match serde_json::to_value(&snapshot) {
+            Ok(entry) => entry,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        match state.queue.queued_for(name).await {
+            Ok(queued) => entry["queued"] = json!(queued),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        }
+        client_systems.push(entry);
+    }
+    (
+        StatusCode::OK,
+        Json(json!({
+            "site_id": state.site_id,
+            "daemon_version": env!("CARGO_PKG_VERSION"),
+            "client_systems": client_systems,
+        })),
+    )
 }
 
 #[derive(Deserialize)]

@@ -38,6 +38,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let http = http_client()?;
     let mut workers = Vec::new();
     let mut triggers = BTreeMap::new();
+    let mut statuses = BTreeMap::new();
     for cs in &config.client_systems {
         let policy = cs.policy(&config.defaults);
         let context = Arc::new(PluginContext::new(
@@ -59,7 +60,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .with_context(|| format!("client system {}: transport", cs.name))?;
         let trigger = Arc::new(Notify::new());
         triggers.insert(cs.name.clone(), Arc::clone(&trigger));
-        workers.push(Worker::new(
+        let worker = Worker::new(
             cs.name.clone(),
             config.site.id.clone(),
             policy,
@@ -68,7 +69,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             transport,
             Arc::clone(&names),
             trigger,
-        ));
+        );
+        statuses.insert(cs.name.clone(), worker.status());
+        workers.push(worker);
     }
 
     let (stop, stopped) = watch::channel(false);
@@ -85,6 +88,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         listener,
         api::State {
             triggers: Arc::new(triggers),
+            statuses: Arc::new(statuses),
+            site_id: config.site.id.clone(),
             queue: queue.clone(),
         },
         stopped.clone(),

@@ -62,6 +62,12 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// What the running daemon is doing, per Client System.
+    Status {
+        /// Print the daemon's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running daemon to sync now, every Client System or the one named.
     Sync {
         /// The Client System.
@@ -177,6 +183,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::DeadLetter { command } => dead_letter(&cli.config, command).await,
         Command::Stats { hours, json } => stats(&cli.config, hours, json).await,
         Command::Sync { client } => sync_now(&cli.config, client.as_deref()).await,
+        Command::Status { json } => status(&cli.config, json).await,
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
             Queue::open(
@@ -385,6 +392,46 @@ async fn stats(config_path: &Path, hours: f64, json: bool) -> Result<()> {
 fn format_ms(ms: i64) -> String {
     let time = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+async fn status(config_path: &Path, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let response = syncd::daemon::http_client()?
+        .get(format!("http://{}/v1/status", config.api.listen))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))?;
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .context("the daemon's answer is not JSON")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let time = |v: &serde_json::Value| v.as_i64().map(format_ms).unwrap_or_else(|| "-".into());
+    println!(
+        "site {} (syncd {})",
+        body["site_id"].as_str().unwrap_or("?"),
+        body["daemon_version"].as_str().unwrap_or("?")
+    );
+    println!(
+        "{:<16}  {:>9}  {:<20}  {:<20}  {:<20}  last error",
+        "client system", "queued", "last success (UTC)", "next retry (UTC)", "in flight"
+    );
+    for cs in body["client_systems"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16}  {:>9}  {:<20}  {:<20}  {:<20}  {}",
+            cs["client_system"].as_str().unwrap_or("?"),
+            cs["queued"].as_u64().unwrap_or(0),
+            time(&cs["last_success_ms"]),
+            time(&cs["retry"]["next_attempt_ms"]),
+            cs["in_flight"].as_str().unwrap_or("-"),
+            cs["last_error"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
 }
 
 async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {

@@ -81,6 +81,47 @@ pub fn backoff_delay(backoff: &BackoffConfig, retry: u32, unit: f64) -> Duration
     Duration::from_secs_f64((capped * spread).max(0.0))
 }
 
+/// What a worker says of itself, for `GET /v1/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WorkerStatus {
+    /// The Client System.
+    pub client_system: String,
+    /// The encoder in service: name and version.
+    pub encoder: String,
+    /// The transport in service: name and version.
+    pub transport: String,
+    /// The batch being attempted right now.
+    pub in_flight: Option<String>,
+    /// When the last attempt started, ms since the Unix epoch.
+    pub last_attempt_ms: Option<i64>,
+    /// What it came to (`accepted`, `retry`, `unreachable`, …).
+    pub last_outcome: Option<String>,
+    /// When a batch was last delivered.
+    pub last_success_ms: Option<i64>,
+    /// The last error, and when.
+    pub last_error: Option<String>,
+    /// When the last error happened.
+    pub last_error_ms: Option<i64>,
+    /// The batch waiting for its retry, if any.
+    pub retry: Option<RetryState>,
+    /// Attempts in a row that found the Client System out of reach.
+    pub consecutive_unreachable: u32,
+}
+
+/// A batch waiting for its retry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetryState {
+    /// The batch.
+    pub batch_id: String,
+    /// Attempts that count towards `max_retries`.
+    pub attempts: i32,
+    /// When it will be attempted again, ms since the Unix epoch.
+    pub next_attempt_ms: i64,
+}
+
+/// A worker's status, shared with the API.
+pub type SharedStatus = Arc<std::sync::RwLock<WorkerStatus>>;
+
 /// Delivers readings to one Client System.
 pub struct Worker {
     /// The Client System's name.
@@ -105,6 +146,8 @@ pub struct Worker {
     next_heartbeat: tokio::time::Instant,
     /// When a batch was last delivered, ms since the Unix epoch.
     last_success_ms: Option<i64>,
+    /// What it publishes about itself.
+    status: SharedStatus,
 }
 
 /// Why a wait ended.
@@ -136,6 +179,12 @@ impl Worker {
         all_client_systems: Arc<Vec<String>>,
         trigger: Arc<Notify>,
     ) -> Self {
+        let status = WorkerStatus {
+            client_system: name.clone(),
+            encoder: format!("{} {}", encoder.info().name, encoder.info().version),
+            transport: format!("{} {}", transport.info().name, transport.info().version),
+            ..WorkerStatus::default()
+        };
         Self {
             name,
             site_id,
@@ -148,7 +197,21 @@ impl Worker {
             outage_streak: 0,
             next_heartbeat: tokio::time::Instant::now(),
             last_success_ms: None,
+            status: Arc::new(std::sync::RwLock::new(status)),
         }
+    }
+
+    /// The status this worker publishes.
+    pub fn status(&self) -> SharedStatus {
+        Arc::clone(&self.status)
+    }
+
+    fn publish(&self, update: impl FnOnce(&mut WorkerStatus)) {
+        let mut status = self
+            .status
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        update(&mut status);
     }
 
     /// Waits for `pause`, a trigger or shutdown, sending heartbeats as they fall due
@@ -273,6 +336,7 @@ impl Worker {
         let number = batch.attempts + 1;
         let started_at_ms = now_ms();
         let clock = Instant::now();
+        self.publish(|s| s.in_flight = Some(batch.id.clone()));
         let verdict = if readings.is_empty() {
             // Every reading of the range was deleted behind syncd's back (by an
             // operator): there is nothing left to deliver.
@@ -293,6 +357,23 @@ impl Worker {
         if !matches!(verdict, Verdict::Unreachable(_)) {
             self.outage_streak = 0;
         }
+        let streak = self.outage_streak + u32::from(matches!(verdict, Verdict::Unreachable(_)));
+        let error = verdict.error();
+        let outcome = verdict.label();
+        self.publish(|s| {
+            s.in_flight = None;
+            s.retry = None;
+            s.last_attempt_ms = Some(started_at_ms);
+            s.last_outcome = Some(outcome.to_owned());
+            s.consecutive_unreachable = streak;
+            match error {
+                None => s.last_success_ms = Some(started_at_ms),
+                Some(error) => {
+                    s.last_error = Some(error);
+                    s.last_error_ms = Some(started_at_ms);
+                }
+            }
+        });
         match verdict {
             Verdict::Accepted => {
                 self.last_success_ms = Some(now_ms());
@@ -323,30 +404,46 @@ impl Worker {
                         backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
                     let pause = delay.map_or(backoff, |asked| asked.max(backoff));
                     warn!(%reason, retry_in = ?pause, "batch not delivered, will retry");
+                    let at = later(pause);
                     self.queue
-                        .schedule_retry(&batch, attempt, number, later(pause))
+                        .schedule_retry(&batch, attempt, number, at)
                         .await?;
+                    self.publish_retry(&batch, number, at);
                 }
             }
             Verdict::Unauthorized(reason) => {
                 let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
                 let pause = backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
                 warn!(%reason, retry_in = ?pause, "credentials refused, will retry");
+                let at = later(pause);
                 self.queue
-                    .schedule_retry(&batch, attempt, batch.attempts, later(pause))
+                    .schedule_retry(&batch, attempt, batch.attempts, at)
                     .await?;
+                self.publish_retry(&batch, batch.attempts, at);
             }
             Verdict::Unreachable(reason) => {
                 self.outage_streak = self.outage_streak.saturating_add(1);
                 let pause =
                     backoff_delay(&self.policy.backoff, self.outage_streak, fastrand::f64());
                 warn!(%reason, retry_in = ?pause, "client system out of reach, will retry");
+                let at = later(pause);
                 self.queue
-                    .schedule_retry(&batch, attempt, batch.attempts, later(pause))
+                    .schedule_retry(&batch, attempt, batch.attempts, at)
                     .await?;
+                self.publish_retry(&batch, batch.attempts, at);
             }
         }
         Ok(())
+    }
+
+    fn publish_retry(&self, batch: &Batch, attempts: i32, at: i64) {
+        self.publish(|s| {
+            s.retry = Some(RetryState {
+                batch_id: batch.id.clone(),
+                attempts,
+                next_attempt_ms: at,
+            })
+        });
     }
 
     /// Encodes and uploads; never fails: every failure is a verdict.

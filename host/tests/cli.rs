@@ -286,3 +286,67 @@ async fn sync_asks_the_running_daemon() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_each_client_systems_state() {
+    use client_system::Fault;
+
+    let site = Site::new("").await;
+    let config = site.dir.path().join("sync.toml");
+    let config = config.to_str().unwrap();
+    site.queue()
+        .await
+        .enqueue(&common::readings(3))
+        .await
+        .unwrap();
+    site.client().inject_faults([Fault {
+        status: 503,
+        retry_after: Some(3600),
+        ..Fault::default()
+    }]);
+    let daemon = site.start();
+    let status = || {
+        let out = syncd(&["-c", config, "status", "--json"]);
+        assert!(
+            !text(&out.stdout).contains(common::API_KEY),
+            "the API key leaked into status"
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    eventually(Duration::from_secs(30), "a retry in status", || async {
+        !status()["client_systems"][0]["retry"].is_null()
+    })
+    .await;
+    let s = status();
+    let cs = &s["client_systems"][0];
+    assert_eq!(s["site_id"], "site-test");
+    assert_eq!(cs["client_system"], "meterit");
+    assert_eq!(cs["queued"], 3);
+    assert_eq!(cs["encoder"], "json-batch 0.1.0");
+    assert_eq!(cs["transport"], "meterit-http 0.1.0");
+    assert_eq!(cs["last_outcome"], "retry");
+    assert!(
+        cs["last_error"].as_str().unwrap().contains("HTTP 503"),
+        "{cs}"
+    );
+    assert!(cs["last_success_ms"].is_null());
+    let table = text(&syncd(&["-c", config, "status"]).stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("meterit") && l.contains("HTTP 503")),
+        "{table}"
+    );
+
+    assert!(syncd(&["-c", config, "sync"]).status.success());
+    eventually(Duration::from_secs(30), "a success in status", || async {
+        status()["client_systems"][0]["last_success_ms"].is_i64()
+    })
+    .await;
+    let s = status();
+    assert_eq!(s["client_systems"][0]["queued"], 0);
+    assert!(s["client_systems"][0]["retry"].is_null());
+    daemon.stop().await;
+    let out = syncd(&["-c", config, "status"]);
+    assert_eq!(out.status.code(), Some(1), "no daemon any more");
+}
