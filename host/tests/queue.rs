@@ -63,15 +63,7 @@ async fn ingest_is_all_or_nothing(backend: Backend, test: &str) {
     let queue = site.queue().await;
     let daemon = site.start();
     let url = format!("{}/v1/readings", site.api());
-    eventually(LIMIT, "the API", || async {
-        syncd::daemon::http_client()
-            .unwrap()
-            .get(format!("{}/healthz", site.api()))
-            .send()
-            .await
-            .is_ok()
-    })
-    .await;
+    site.wait_for_api().await;
 
     let (status, body) = post(&url, json_array(5, Some(3))).await;
     assert_eq!(status, 400, "{body}");
@@ -347,13 +339,7 @@ async fn concurrent_ingest_while_draining_loses_nothing(backend: Backend, test: 
     let daemon = site.start();
     let url = format!("{}/v1/readings", site.api());
     let http = syncd::daemon::http_client().unwrap();
-    eventually(LIMIT, "the API", || async {
-        http.get(format!("{}/healthz", site.api()))
-            .send()
-            .await
-            .is_ok()
-    })
-    .await;
+    site.wait_for_api().await;
     let mut lanes = Vec::new();
     for _ in 0..CLIENTS {
         let (http, url) = (http.clone(), url.clone());
@@ -424,16 +410,24 @@ async fn a_reading_committed_late_with_a_lower_id_is_not_skipped(backend: Backen
 on_both_backends!(a_reading_committed_late_with_a_lower_id_is_not_skipped);
 
 async fn concurrent_first_opens_all_succeed(backend: Backend, test: &str) {
-    // The daemon and `syncd enqueue` started together on a new database both migrate it.
+    // The daemon and `syncd enqueue` started together on a new database both connect to
+    // it and migrate it. On SQLite, several new files, as the race is one of timing.
     let site = Site::build(backend, test, "", &[("meterit", "")]).await;
-    let opens: Vec<_> = (0..4)
-        .map(|_| {
-            let config = site.config.clone();
-            tokio::spawn(async move { syncd::queue::Queue::open_for(&config).await.map(drop) })
-        })
-        .collect();
-    for open in opens {
-        open.await.unwrap().expect("every concurrent open succeeds");
+    let rounds = if backend == Backend::Sqlite { 5 } else { 1 };
+    for round in 0..rounds {
+        let mut config = site.config.clone();
+        if backend == Backend::Sqlite {
+            config.database.url = format!("sqlite://race-{round}.db");
+        }
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move { syncd::queue::Queue::open_for(&config).await.map(drop) })
+            })
+            .collect();
+        for open in opens {
+            open.await.unwrap().expect("every concurrent open succeeds");
+        }
     }
 }
 on_both_backends!(concurrent_first_opens_all_succeed);

@@ -205,10 +205,9 @@ impl Queue {
             );
         };
         options.sqlx_logging(false);
-        let db = Database::connect(options)
+        let db = connect_and_migrate(options)
             .await
             .with_context(|| format!("failed to open the database {}", redact_url(url)))?;
-        migrate(&db).await?;
         Ok(Self {
             db,
             max_readings: None,
@@ -592,23 +591,29 @@ impl Queue {
     }
 }
 
-/// Brings the schema up to date. Two processes starting on a new database (the daemon
-/// and `syncd enqueue`, say) may run the migrations at the same moment; the one that
-/// loses finds them applied when it tries again.
-async fn migrate(db: &DatabaseConnection) -> Result<()> {
+/// Connects and brings the schema up to date. Two processes opening a new database at
+/// the same moment (the daemon and `syncd enqueue`, say) race: on SQLite, switching a
+/// new file to WAL fails at once with "database is locked", and both may run the
+/// migrations. The one that loses finds the work done when it tries again.
+async fn connect_and_migrate(options: ConnectOptions) -> Result<DatabaseConnection> {
     const TRIES: u32 = 5;
     let mut tries = 0;
     loop {
         tries += 1;
-        match Migrator::up(db, None).await {
-            Ok(()) => return Ok(()),
+        let attempt = async {
+            let db = Database::connect(options.clone()).await?;
+            Migrator::up(&db, None)
+                .await
+                .context("failed to bring the database schema up to date")?;
+            anyhow::Ok(db)
+        };
+        match attempt.await {
+            Ok(db) => return Ok(db),
             Err(error) if tries < TRIES => {
-                tracing::debug!("migration raced another process, trying again: {error}");
+                tracing::debug!("opening raced another process, trying again: {error:#}");
                 tokio::time::sleep(Duration::from_millis(200) * tries).await;
             }
-            Err(error) => {
-                return Err(error).context("failed to bring the database schema up to date");
-            }
+            Err(error) => return Err(error),
         }
     }
 }

@@ -168,6 +168,16 @@ impl Site {
         format!("http://{}", self.config.api.listen)
     }
 
+    /// Waits until the daemon's local API answers.
+    pub async fn wait_for_api(&self) {
+        let http = syncd::daemon::http_client().expect("an HTTP client");
+        let url = format!("{}/healthz", self.api());
+        eventually(Duration::from_secs(30), "the daemon's API", || async {
+            http.get(&url).send().await.is_ok()
+        })
+        .await;
+    }
+
     /// Starts the daemon; stop it with [`Daemon::stop`].
     pub fn start(&self) -> Daemon {
         let (stop, stopped) = oneshot::channel::<()>();
