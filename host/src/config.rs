@@ -396,12 +396,10 @@ impl Config {
             if let Some(key) = env(&api_key_variable(&cs.name)) {
                 cs.api_key = Some(Secret(key));
             }
-            for field in ["encoder", "transport"] {
-                let p = if field == "encoder" {
-                    &mut cs.encoder
-                } else {
-                    &mut cs.transport
-                };
+            for (field, p) in [
+                ("encoder", &mut cs.encoder),
+                ("transport", &mut cs.transport),
+            ] {
                 let mut s = p.to_string_lossy().into_owned();
                 sub(&format!("client_system[{i}].{field}"), &mut s)?;
                 *p = PathBuf::from(s);

@@ -434,18 +434,23 @@ async fn status(config_path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {
-    let config = Config::load(config_path)?;
+/// Asks the daemon listening on `[api] listen` to sync now (`client`, or all).
+async fn request_sync(config: &Config, client: Option<&str>) -> Result<reqwest::Response> {
     let mut url = reqwest::Url::parse(&format!("http://{}/v1/sync", config.api.listen))?;
     if let Some(name) = client {
         url.query_pairs_mut().append_pair("client", name);
     }
-    let response = syncd::daemon::http_client()?
+    syncd::daemon::http_client()?
         .post(url)
         .timeout(Duration::from_secs(5))
         .send()
         .await
-        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))?;
+        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))
+}
+
+async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let response = request_sync(&config, client).await?;
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if !status.is_success() {
@@ -464,14 +469,7 @@ async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {
 
 /// Asks a daemon listening on `[api] listen` to sync now; false if none answers.
 async fn nudge_daemon(config: &Config) -> bool {
-    let url = format!("http://{}/v1/sync", config.api.listen);
-    let Ok(client) = syncd::daemon::http_client() else {
-        return false;
-    };
-    client
-        .post(url)
-        .timeout(Duration::from_secs(2))
-        .send()
+    request_sync(config, None)
         .await
         .is_ok_and(|r| r.status().is_success())
 }

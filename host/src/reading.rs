@@ -131,15 +131,7 @@ impl NewReading {
 /// Parses JSON lines (blank lines skipped), all or nothing. Records are numbered by
 /// line.
 pub fn parse_json_lines(input: impl BufRead) -> anyhow::Result<Vec<NewReading>> {
-    let mut readings = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        readings.push(NewReading::from_json(&line, i + 1)?);
-    }
-    Ok(readings)
+    read_records(input, FileFormat::JsonLines).collect()
 }
 
 /// The formats of a readings file.

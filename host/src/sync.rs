@@ -144,8 +144,6 @@ pub struct Worker {
     outage_streak: u32,
     /// When the next heartbeat is due.
     next_heartbeat: tokio::time::Instant,
-    /// When a batch was last delivered, ms since the Unix epoch.
-    last_success_ms: Option<i64>,
     /// What it publishes about itself.
     status: SharedStatus,
 }
@@ -196,7 +194,6 @@ impl Worker {
             trigger,
             outage_streak: 0,
             next_heartbeat: tokio::time::Instant::now(),
-            last_success_ms: None,
             status: Arc::new(std::sync::RwLock::new(status)),
         }
     }
@@ -249,10 +246,15 @@ impl Worker {
                 return;
             }
         };
+        let last_success_ms = self
+            .status
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .last_success_ms;
         let status = types::SiteStatus {
             site_id: self.site_id.clone(),
             queued,
-            last_success_ms: self.last_success_ms,
+            last_success_ms,
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         match self.transport.heartbeat(&status).await {
@@ -354,19 +356,17 @@ impl Worker {
             outcome: verdict.label(),
             error: verdict.error(),
         };
-        if !matches!(verdict, Verdict::Unreachable(_)) {
-            self.outage_streak = 0;
-        }
-        let streak = self.outage_streak + u32::from(matches!(verdict, Verdict::Unreachable(_)));
-        let error = verdict.error();
-        let outcome = verdict.label();
+        self.outage_streak = match verdict {
+            Verdict::Unreachable(_) => self.outage_streak.saturating_add(1),
+            _ => 0,
+        };
         self.publish(|s| {
             s.in_flight = None;
             s.retry = None;
             s.last_attempt_ms = Some(started_at_ms);
-            s.last_outcome = Some(outcome.to_owned());
-            s.consecutive_unreachable = streak;
-            match error {
+            s.last_outcome = Some(verdict.label().to_owned());
+            s.consecutive_unreachable = self.outage_streak;
+            match verdict.error() {
                 None => s.last_success_ms = Some(started_at_ms),
                 Some(error) => {
                     s.last_error = Some(error);
@@ -374,9 +374,9 @@ impl Worker {
                 }
             }
         });
+        let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
         match verdict {
             Verdict::Accepted => {
-                self.last_success_ms = Some(now_ms());
                 let pruned = self
                     .queue
                     .acknowledge(&batch, attempt, &self.all_client_systems)
@@ -392,58 +392,57 @@ impl Worker {
                 warn!(%reason, "batch rejected: moved to dead letters");
                 self.queue.dead_letter(&batch, attempt, &reason).await?;
             }
-            Verdict::Retry { reason, delay } => {
-                let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
-                if retries_used > self.policy.max_retries {
-                    let reason =
-                        format!("out of retries after {number} attempts; last error: {reason}");
-                    warn!(%reason, "batch moved to dead letters");
-                    self.queue.dead_letter(&batch, attempt, &reason).await?;
-                } else {
-                    let backoff =
-                        backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
-                    let pause = delay.map_or(backoff, |asked| asked.max(backoff));
-                    warn!(%reason, retry_in = ?pause, "batch not delivered, will retry");
-                    let at = later(pause);
-                    self.queue
-                        .schedule_retry(&batch, attempt, number, at)
-                        .await?;
-                    self.publish_retry(&batch, number, at);
-                }
+            Verdict::Retry { reason, .. } if retries_used > self.policy.max_retries => {
+                let reason =
+                    format!("out of retries after {number} attempts; last error: {reason}");
+                warn!(%reason, "batch moved to dead letters");
+                self.queue.dead_letter(&batch, attempt, &reason).await?;
             }
+            Verdict::Retry { reason, delay } => {
+                let backoff = backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
+                let pause = delay.map_or(backoff, |asked| asked.max(backoff));
+                warn!(%reason, retry_in = ?pause, "batch not delivered, will retry");
+                self.retry_later(&batch, attempt, number, pause).await?;
+            }
+            // Neither is the batch's fault: retried without spending its retries.
             Verdict::Unauthorized(reason) => {
-                let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
                 let pause = backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
                 warn!(%reason, retry_in = ?pause, "credentials refused, will retry");
-                let at = later(pause);
-                self.queue
-                    .schedule_retry(&batch, attempt, batch.attempts, at)
+                self.retry_later(&batch, attempt, batch.attempts, pause)
                     .await?;
-                self.publish_retry(&batch, batch.attempts, at);
             }
             Verdict::Unreachable(reason) => {
-                self.outage_streak = self.outage_streak.saturating_add(1);
                 let pause =
                     backoff_delay(&self.policy.backoff, self.outage_streak, fastrand::f64());
                 warn!(%reason, retry_in = ?pause, "client system out of reach, will retry");
-                let at = later(pause);
-                self.queue
-                    .schedule_retry(&batch, attempt, batch.attempts, at)
+                self.retry_later(&batch, attempt, batch.attempts, pause)
                     .await?;
-                self.publish_retry(&batch, batch.attempts, at);
             }
         }
         Ok(())
     }
 
-    fn publish_retry(&self, batch: &Batch, attempts: i32, at: i64) {
+    /// Records the attempt and when the batch is to be tried again; `attempts_used` is
+    /// what counts towards its retries from now on.
+    async fn retry_later(
+        &mut self,
+        batch: &Batch,
+        attempt: Attempt,
+        attempts_used: i32,
+        pause: Duration,
+    ) -> Result<()> {
+        let at = later(pause);
+        self.queue
+            .schedule_retry(batch, attempt, attempts_used, at)
+            .await?;
         self.publish(|s| {
             s.retry = Some(RetryState {
                 batch_id: batch.id.clone(),
-                attempts,
+                attempts: attempts_used,
                 next_attempt_ms: at,
             })
         });
+        Ok(())
     }
 
     /// Encodes and uploads; never fails: every failure is a verdict.

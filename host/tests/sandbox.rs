@@ -11,8 +11,8 @@ use common::{Site, eventually, plugin, readings};
 use syncd::plugin::bindings::types;
 use syncd::plugin::{CallError, EncoderPlugin, PluginContext, PluginEngine};
 
-async fn hostile(engine: &PluginEngine, behaviour: &str) -> EncoderPlugin {
-    let settings = BTreeMap::from([("behaviour".to_owned(), behaviour.to_owned())]);
+/// A context whose plugins reach nothing (port 9 on loopback).
+fn context(settings: BTreeMap<String, String>) -> Arc<PluginContext> {
     let context = PluginContext::new(
         "site",
         "cs",
@@ -23,8 +23,13 @@ async fn hostile(engine: &PluginEngine, behaviour: &str) -> EncoderPlugin {
         syncd::daemon::http_client().unwrap(),
     )
     .unwrap();
+    Arc::new(context)
+}
+
+async fn hostile(engine: &PluginEngine, behaviour: &str) -> EncoderPlugin {
+    let settings = BTreeMap::from([("behaviour".to_owned(), behaviour.to_owned())]);
     engine
-        .load_encoder(&plugin("hostile_encoder"), Arc::new(context))
+        .load_encoder(&plugin("hostile_encoder"), context(settings))
         .await
         .expect("describe behaves; only encode misbehaves")
 }
@@ -76,18 +81,8 @@ async fn a_panic_and_a_memory_bomb_are_traps_not_crashes() {
         }
     }
     // The host is unharmed: a well-behaved plugin still loads and encodes on the same engine.
-    let context = PluginContext::new(
-        "site",
-        "cs",
-        "http://127.0.0.1:9/",
-        BTreeMap::new(),
-        None,
-        Duration::from_secs(1),
-        syncd::daemon::http_client().unwrap(),
-    )
-    .unwrap();
     let mut good = engine
-        .load_encoder(&plugin("json_batch"), Arc::new(context))
+        .load_encoder(&plugin("json_batch"), context(BTreeMap::new()))
         .await
         .unwrap();
     let encoded = good.encode(&info, &readings).await.unwrap().unwrap();
