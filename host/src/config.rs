@@ -645,6 +645,17 @@ transport = "t.wasm"
     }
 
     #[test]
+    fn environment_overrides_database_url() {
+        let env = |name: &str| match name {
+            "KEY" => Some("k".to_owned()),
+            "SYNCD_DATABASE_URL" => Some("sqlite:///tmp/elsewhere.db".to_owned()),
+            _ => None,
+        };
+        let c = Config::parse(MINIMAL, Path::new("sync.toml"), &env).unwrap();
+        assert_eq!(c.database.url, "sqlite:///tmp/elsewhere.db");
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for (text, key) in [
             (MINIMAL.replace("http://127", "ftp://127"), "base_url"),

@@ -431,3 +431,29 @@ async fn concurrent_first_opens_all_succeed(backend: Backend, test: &str) {
     }
 }
 on_both_backends!(concurrent_first_opens_all_succeed);
+
+async fn a_client_system_added_later_starts_after_what_was_queued(backend: Backend, test: &str) {
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(5)).await.unwrap();
+    // On a queue already in use, a new Client System starts after what is queued...
+    queue
+        .register_client_systems(&["meterit".to_owned(), "later".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(queue.queued_for("meterit").await.unwrap(), 5);
+    assert_eq!(queue.queued_for("later").await.unwrap(), 0);
+    queue.enqueue(&readings(2)).await.unwrap();
+    assert_eq!(queue.queued_for("later").await.unwrap(), 2);
+    assert!(
+        queue
+            .new_batch("later", 100)
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .len()
+            == 2
+    );
+}
+on_both_backends!(a_client_system_added_later_starts_after_what_was_queued);
