@@ -57,6 +57,9 @@ pub struct Config {
     /// The local HTTP API.
     #[serde(default)]
     pub api: Api,
+    /// How plugins are loaded.
+    #[serde(default)]
+    pub plugins: Plugins,
     /// Settings every Client System inherits unless it sets its own.
     #[serde(default)]
     pub defaults: Policy,
@@ -72,7 +75,7 @@ pub struct Config {
 }
 
 /// `[site]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
     /// The site's id, sent with every batch and heartbeat.
@@ -80,7 +83,7 @@ pub struct Site {
 }
 
 /// `[database]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
     /// `sqlite://path/to/file.db` (relative to the config file's folder) or
@@ -122,24 +125,56 @@ pub enum Durability {
 }
 
 /// `[api]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Api {
     /// The address the local HTTP API listens on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A bearer token every request but `GET /healthz` must carry. Use
+    /// `${VARIABLE}` rather than writing it here.
+    pub token: Option<Secret>,
+    /// Serve a non-loopback `listen` address without a token: anyone who can reach it
+    /// may then queue readings and read status. Off by default.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for Api {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            token: None,
+            allow_unauthenticated: false,
         }
     }
 }
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7878))
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plugins {
+    /// Where compiled plugins are kept so that a restart or a re-deploy of a known
+    /// version does not compile again (relative to the config file's folder); empty
+    /// to compile at every load.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+}
+
+impl Default for Plugins {
+    fn default() -> Self {
+        Self {
+            cache_dir: default_cache_dir(),
+        }
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("data/plugin-cache")
 }
 
 /// Scheduling, batching and retry settings (`[defaults]`, or per Client System).
@@ -166,11 +201,79 @@ pub struct Policy {
     /// How often a heartbeat is sent (default 5m).
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
+    /// How often the Client System's remote configuration is downloaded (default 15m).
+    #[serde(default, with = "humantime_serde")]
+    pub config_refresh: Option<Duration>,
+}
+
+impl Policy {
+    /// This policy with every setting `over` has replaced by `over`'s.
+    pub fn overlaid_with(&self, over: &Policy) -> Policy {
+        Policy {
+            interval: over.interval.or(self.interval),
+            batch_size: over.batch_size.or(self.batch_size),
+            max_retries: over.max_retries.or(self.max_retries),
+            backoff: over.backoff.clone().or_else(|| self.backoff.clone()),
+            request_timeout: over.request_timeout.or(self.request_timeout),
+            connectivity_check: over.connectivity_check.or(self.connectivity_check),
+            heartbeat: over.heartbeat.or(self.heartbeat),
+            config_refresh: over.config_refresh.or(self.config_refresh),
+        }
+    }
+
+    /// The names of the settings this policy sets, in schema order.
+    pub fn keys(&self) -> Vec<&'static str> {
+        [
+            ("interval", self.interval.is_some()),
+            ("batch_size", self.batch_size.is_some()),
+            ("max_retries", self.max_retries.is_some()),
+            ("backoff", self.backoff.is_some()),
+            ("request_timeout", self.request_timeout.is_some()),
+            ("connectivity_check", self.connectivity_check.is_some()),
+            ("heartbeat", self.heartbeat.is_some()),
+            ("config_refresh", self.config_refresh.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    /// Every setting, built-in defaults filling what this policy leaves unset.
+    pub fn effective(&self) -> EffectivePolicy {
+        EffectivePolicy {
+            interval: self.interval.unwrap_or(Duration::from_secs(300)),
+            batch_size: self.batch_size.unwrap_or(1000),
+            max_retries: self.max_retries.unwrap_or(5),
+            backoff: self.backoff.clone().unwrap_or_default(),
+            request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(30)),
+            connectivity_check: self.connectivity_check.unwrap_or(Duration::from_secs(60)),
+            heartbeat: self.heartbeat.unwrap_or(Duration::from_secs(300)),
+            config_refresh: self.config_refresh.unwrap_or(Duration::from_secs(900)),
+        }
+    }
+
+    /// Reads the settings a Client System sends as its remote configuration: a JSON
+    /// object with any of the keys of `[defaults]`, written as in `sync.toml`
+    /// (durations as text such as `"90s"`). Unknown keys and bad values are errors
+    /// that name the key.
+    pub fn from_remote_json(body: &str) -> std::result::Result<Policy, String> {
+        let json = &mut serde_json::Deserializer::from_str(body);
+        let policy: Policy = serde_path_to_error::deserialize(json).map_err(|e| {
+            let key = e.path().to_string();
+            if key == "." {
+                e.inner().to_string()
+            } else {
+                format!("{key}: {}", e.inner())
+            }
+        })?;
+        check_policy(&policy).map_err(|(key, message)| format!("{key}: {message}"))?;
+        Ok(policy)
+    }
 }
 
 /// Exponential backoff: `initial * multiplier^(retry-1)`, at most `max`, each delay
 /// moved at random by up to `jitter` (a fraction) either way.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackoffConfig {
     /// The first delay (default 2s).
@@ -236,7 +339,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// `[[client_system]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSystem {
     /// A unique name, used in logs, status and the queue's progress records.
@@ -271,13 +374,25 @@ pub struct ClientSystem {
     /// Overrides `[defaults] heartbeat`.
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
+    /// Overrides `[defaults] config_refresh`.
+    #[serde(default, with = "humantime_serde")]
+    pub config_refresh: Option<Duration>,
+    /// Whether the settings the Client System sends as its remote configuration are
+    /// applied (default true). They take precedence over this file's.
+    #[serde(default = "default_true")]
+    pub remote_config: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The settings in force for one Client System: its own, else `[defaults]`, else
-/// the built-in defaults.
-#[derive(Debug, Clone, PartialEq)]
+/// the built-in defaults. Serialized as in `sync.toml` (durations as text).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EffectivePolicy {
     /// See [`Policy::interval`].
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// See [`Policy::batch_size`].
     pub batch_size: u32,
@@ -286,41 +401,44 @@ pub struct EffectivePolicy {
     /// See [`Policy::backoff`].
     pub backoff: BackoffConfig,
     /// See [`Policy::request_timeout`].
+    #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// See [`Policy::connectivity_check`].
+    #[serde(with = "humantime_serde")]
     pub connectivity_check: Duration,
     /// See [`Policy::heartbeat`].
+    #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// See [`Policy::config_refresh`].
+    #[serde(with = "humantime_serde")]
+    pub config_refresh: Duration,
 }
 
 impl ClientSystem {
-    /// The settings in force for this Client System.
-    pub fn policy(&self, defaults: &Policy) -> EffectivePolicy {
-        EffectivePolicy {
-            interval: self
-                .interval
-                .or(defaults.interval)
-                .unwrap_or(Duration::from_secs(300)),
-            batch_size: self.batch_size.or(defaults.batch_size).unwrap_or(1000),
-            max_retries: self.max_retries.or(defaults.max_retries).unwrap_or(5),
-            backoff: self
-                .backoff
-                .clone()
-                .or_else(|| defaults.backoff.clone())
-                .unwrap_or_default(),
-            request_timeout: self
-                .request_timeout
-                .or(defaults.request_timeout)
-                .unwrap_or(Duration::from_secs(30)),
-            connectivity_check: self
-                .connectivity_check
-                .or(defaults.connectivity_check)
-                .unwrap_or(Duration::from_secs(60)),
-            heartbeat: self
-                .heartbeat
-                .or(defaults.heartbeat)
-                .unwrap_or(Duration::from_secs(300)),
+    /// The settings this Client System's own table sets.
+    pub fn own_policy(&self) -> Policy {
+        Policy {
+            interval: self.interval,
+            batch_size: self.batch_size,
+            max_retries: self.max_retries,
+            backoff: self.backoff.clone(),
+            request_timeout: self.request_timeout,
+            connectivity_check: self.connectivity_check,
+            heartbeat: self.heartbeat,
+            config_refresh: self.config_refresh,
         }
+    }
+
+    /// The settings from the file for this Client System: its own, else
+    /// `[defaults]`'s.
+    pub fn local_policy(&self, defaults: &Policy) -> Policy {
+        defaults.overlaid_with(&self.own_policy())
+    }
+
+    /// The settings in force for this Client System before any remote configuration:
+    /// its own, else `[defaults]`, else the built-in defaults.
+    pub fn policy(&self, defaults: &Policy) -> EffectivePolicy {
+        self.local_policy(defaults).effective()
     }
 
     /// The `[plugin]` table as the `settings` host import serves it: strings as they
@@ -387,6 +505,9 @@ impl Config {
             self.database.url = url;
         }
         sub("database.url", &mut self.database.url)?;
+        if let Some(token) = &mut self.api.token {
+            sub("api.token", &mut token.0)?;
+        }
         for (i, cs) in self.client_systems.iter_mut().enumerate() {
             sub(&format!("client_system[{i}].name"), &mut cs.name)?;
             sub(&format!("client_system[{i}].base_url"), &mut cs.base_url)?;
@@ -422,6 +543,21 @@ impl Config {
         if self.site.id.trim().is_empty() {
             return Err(invalid("site.id".into(), "must not be empty".into()));
         }
+        match &self.api.token {
+            Some(token) if token.expose().trim().is_empty() => {
+                return Err(invalid("api.token".into(), "must not be empty".into()));
+            }
+            None if !self.api.listen.ip().is_loopback() && !self.api.allow_unauthenticated => {
+                return Err(invalid(
+                    "api.listen".into(),
+                    format!(
+                        "{} is reachable from other machines: set [api] token, or allow_unauthenticated = true to serve it without one",
+                        self.api.listen
+                    ),
+                ));
+            }
+            _ => {}
+        }
         check_policy(&self.defaults).map_err(|(k, m)| invalid(format!("defaults.{k}"), m))?;
         let mut names = std::collections::HashSet::new();
         for (i, cs) in self.client_systems.iter().enumerate() {
@@ -443,18 +579,15 @@ impl Config {
                     format!("\"{}\": only http and https are supported", cs.base_url),
                 ));
             }
-            let own = Policy {
-                interval: cs.interval,
-                batch_size: cs.batch_size,
-                max_retries: cs.max_retries,
-                backoff: cs.backoff.clone(),
-                request_timeout: cs.request_timeout,
-                connectivity_check: cs.connectivity_check,
-                heartbeat: cs.heartbeat,
-            };
-            check_policy(&own).map_err(|(k, m)| invalid(key(k), m))?;
+            check_policy(&cs.own_policy()).map_err(|(k, m)| invalid(key(k), m))?;
         }
         Ok(())
+    }
+
+    /// The folder compiled plugins are kept in, if any.
+    pub fn plugin_cache_dir(&self) -> Option<PathBuf> {
+        let dir = &self.plugins.cache_dir;
+        (!dir.as_os_str().is_empty()).then(|| self.resolve(dir))
     }
 
     /// The names of the configured Client Systems, in order.
@@ -504,6 +637,7 @@ fn check_policy(p: &Policy) -> std::result::Result<(), (&'static str, String)> {
         ("request_timeout", p.request_timeout),
         ("connectivity_check", p.connectivity_check),
         ("heartbeat", p.heartbeat),
+        ("config_refresh", p.config_refresh),
     ] {
         if value.is_some_and(|d| d.is_zero()) {
             return Err((key, "must be longer than zero".into()));
@@ -665,6 +799,75 @@ transport = "t.wasm"
             let err = Config::parse(&text, Path::new("sync.toml"), &env).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn remote_settings_are_read_like_the_file_and_win_over_it() {
+        let c = Config::parse(
+            &format!("[defaults]\nheartbeat = \"1m\"\n{MINIMAL}batch_size = 50\n"),
+            Path::new("sync.toml"),
+            &env,
+        )
+        .unwrap();
+        let local = c.client_systems[0].local_policy(&c.defaults);
+        let remote = Policy::from_remote_json(
+            r#"{"batch_size": 200, "interval": "90s", "backoff": {"initial": "1s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(remote.keys(), ["interval", "batch_size", "backoff"]);
+        let p = local.overlaid_with(&remote).effective();
+        assert_eq!(
+            p.batch_size, 200,
+            "remote wins over the client system's own"
+        );
+        assert_eq!(p.interval, Duration::from_secs(90));
+        assert_eq!(
+            p.heartbeat,
+            Duration::from_secs(60),
+            "unset remotely: the file's"
+        );
+        assert_eq!(p.backoff.initial, Duration::from_secs(1));
+        assert_eq!(
+            p.backoff.max,
+            Duration::from_secs(32),
+            "backoff fields default"
+        );
+        assert_eq!(p.config_refresh, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn bad_remote_settings_name_the_key() {
+        for (body, key) in [
+            (r#"{"batch_size": 0}"#, "batch_size"),
+            (r#"{"intervall": "1m"}"#, "intervall"),
+            (r#"{"interval": 60}"#, "interval"),
+            (r#"{"heartbeat": "0s"}"#, "heartbeat"),
+            (r#"{"backoff": {"jitter": 3}}"#, "jitter"),
+        ] {
+            let err = Policy::from_remote_json(body).unwrap_err();
+            assert!(err.contains(key), "{body}: {err}");
+        }
+        assert!(Policy::from_remote_json("[1]").is_err());
+        assert_eq!(Policy::from_remote_json("{}").unwrap(), Policy::default());
+    }
+
+    #[test]
+    fn a_remote_api_needs_a_token_or_a_waiver() {
+        let with = |api: &str| {
+            Config::parse(
+                &format!("{MINIMAL}[api]\n{api}\n"),
+                Path::new("sync.toml"),
+                &env,
+            )
+        };
+        let err = with("listen = \"0.0.0.0:7878\"").unwrap_err().to_string();
+        assert!(err.contains("api.listen") && err.contains("token"), "{err}");
+        assert!(with("listen = \"0.0.0.0:7878\"\ntoken = \"${KEY}\"").is_ok());
+        assert!(with("listen = \"0.0.0.0:7878\"\nallow_unauthenticated = true").is_ok());
+        assert!(with("listen = \"127.0.0.1:7878\"").is_ok());
+        let c = with("token = \"${KEY}\"").unwrap();
+        assert_eq!(c.api.token.as_ref().map(Secret::expose), Some("secret"));
+        assert!(with("token = \"\"").is_err());
     }
 
     #[test]

@@ -1,23 +1,15 @@
-//! The supervisor: opens the queue, loads the plugins, starts a worker per Client
-//! System and the local API, and stops them all on shutdown.
-
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+//! The daemon: the supervisor with its workers, and the local API, from start to
+//! shutdown.
 
 use anyhow::{Context, Result};
-use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::info;
 
 use crate::api;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::plugin::{PluginContext, PluginEngine};
-use crate::queue::Queue;
-use crate::sync::Worker;
-
-/// How long workers get to finish the batch in flight on shutdown. A batch cut off is
-/// not lost: it is recorded and re-sent, with the same id, after the restart.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+use crate::connectivity::Event;
+use crate::supervisor::{Supervisor, supervise};
 
 /// The HTTP client every plugin request goes through.
 pub fn http_client() -> Result<reqwest::Client> {
@@ -29,94 +21,74 @@ pub fn http_client() -> Result<reqwest::Client> {
         .context("failed to build the HTTP client")
 }
 
+/// How many connectivity events wait for a slow listener before it misses some.
+const EVENT_BACKLOG: usize = 256;
+
+/// What a run of the daemon gets besides its configuration.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Where time comes from (a manual clock in tests).
+    pub clock: Clock,
+    /// Where the workers publish connectivity changes; subscribe to hear them.
+    pub events: broadcast::Sender<Event>,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            clock: Clock::system(),
+            events: broadcast::Sender::new(EVENT_BACKLOG),
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let queue = Queue::open_for(&config).await?;
-    let names = Arc::new(config.client_system_names());
+    run_with(config, Runtime::default(), shutdown).await
+}
 
-    let engine = PluginEngine::new()?;
-    let http = http_client()?;
-    let mut workers = Vec::new();
-    let mut triggers = BTreeMap::new();
-    let mut statuses = BTreeMap::new();
-    for cs in &config.client_systems {
-        let policy = cs.policy(&config.defaults);
-        let context = Arc::new(PluginContext::new(
-            &config.site.id,
-            &cs.name,
-            &cs.base_url,
-            cs.plugin_settings(),
-            cs.api_key.clone(),
-            policy.request_timeout,
-            http.clone(),
-        )?);
-        let encoder = engine
-            .load_encoder(&config.resolve(&cs.encoder), Arc::clone(&context))
-            .await
-            .with_context(|| format!("client system {}: encoder", cs.name))?;
-        let transport = engine
-            .load_transport(&config.resolve(&cs.transport), context)
-            .await
-            .with_context(|| format!("client system {}: transport", cs.name))?;
-        let trigger = Arc::new(Notify::new());
-        triggers.insert(cs.name.clone(), Arc::clone(&trigger));
-        let worker = Worker::new(
-            cs.name.clone(),
-            config.site.id.clone(),
-            policy,
-            queue.clone(),
-            encoder,
-            transport,
-            Arc::clone(&names),
-            trigger,
-        );
-        statuses.insert(cs.name.clone(), worker.status());
-        workers.push(worker);
-    }
-
-    let (stop, stopped) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(config.api.listen)
+/// Runs the daemon in `runtime` until `shutdown` resolves.
+pub async fn run_with(
+    config: Config,
+    runtime: Runtime,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let Runtime { clock, events } = runtime;
+    let supervisor = Supervisor::start(config, clock.clone(), events).await?;
+    let listen = supervisor.config().api.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {} ([api] listen)", config.api.listen))?;
+        .with_context(|| format!("cannot listen on {listen} ([api] listen)"))?;
     info!(
-        site = %config.site.id,
-        api = %config.api.listen,
-        client_systems = workers.len(),
+        site = %supervisor.config().site.id,
+        api = %listen,
+        client_systems = supervisor.config().client_systems.len(),
         "syncd started"
     );
+    let (reload, reloads) = mpsc::unbounded_channel();
+    let (stop_api, api_stopped) = watch::channel(false);
     let api_task = tokio::spawn(api::serve(
         listener,
         api::State {
-            triggers: Arc::new(triggers),
-            statuses: Arc::new(statuses),
-            site_id: config.site.id.clone(),
-            queue: queue.clone(),
+            workers: supervisor.workers(),
+            config: supervisor.config_status(),
+            clock,
+            queue: supervisor.queue().clone(),
+            reload,
+            ingested: Default::default(),
+            token: supervisor.config().api.token.clone(),
         },
-        stopped.clone(),
+        api_stopped,
     ));
-    let handles: Vec<_> = workers
-        .into_iter()
-        .map(|w| tokio::spawn(w.run(stopped.clone())))
-        .collect();
-
-    shutdown.await;
-    info!("shutting down");
-    let _ = stop.send(true);
-    let all = futures_join(handles);
-    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
-        warn!(
-            "workers did not stop within {SHUTDOWN_GRACE:?}; batches in flight will be re-sent after restart"
-        );
-    }
+    supervise(supervisor, reloads, async {
+        shutdown.await;
+        info!("shutting down");
+    })
+    .await;
+    let _ = stop_api.send(true);
     let _ = api_task.await;
     info!("stopped");
     Ok(())
-}
-
-async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
-    for handle in handles {
-        let _ = handle.await;
-    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -9,8 +9,11 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod connectivity;
 pub mod daemon;
+pub mod metrics;
 pub mod plugin;
 pub mod queue;
 pub mod reading;
+pub mod supervisor;
 pub mod sync;

@@ -67,7 +67,15 @@ enum Command {
         /// Print the daemon's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh every N seconds in place until Ctrl-C (default 2 when given
+        /// without a number).
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
     },
+    /// Ask the running daemon to reload sync.toml and the plugins now (it also
+    /// reloads by itself when they change, and on SIGHUP). Exits 1 if anything was
+    /// refused; what was running then stays.
+    Reload,
     /// Ask the running daemon to sync now, every Client System or the one named.
     Sync {
         /// The Client System.
@@ -183,7 +191,19 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::DeadLetter { command } => dead_letter(&cli.config, command).await,
         Command::Stats { hours, json } => stats(&cli.config, hours, json).await,
         Command::Sync { client } => sync_now(&cli.config, client.as_deref()).await,
-        Command::Status { json } => status(&cli.config, json).await,
+        Command::Reload => reload(&cli.config).await,
+        Command::Status { json, watch } => match watch {
+            None => status(&cli.config, json).await,
+            Some(seconds) => loop {
+                // Home, then clear: the new table replaces the old in place.
+                print!("\x1b[H\x1b[2J");
+                status(&cli.config, json).await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(seconds.max(1))) => {}
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                }
+            },
+        },
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
             Queue::open(
@@ -324,9 +344,7 @@ async fn dead_letter(config_path: &Path, command: DeadLetterCommand) -> Result<(
             }
         }
         DeadLetterCommand::Purge { id, .. } => {
-            let count = queue
-                .purge_dead_letters(id.as_deref(), &config.client_system_names())
-                .await?;
+            let count = queue.purge_dead_letters(id.as_deref()).await?;
             if let (Some(id), 0) = (&id, count) {
                 anyhow::bail!("no dead letter with batch id {id}");
             }
@@ -396,12 +414,7 @@ fn format_ms(ms: i64) -> String {
 
 async fn status(config_path: &Path, json: bool) -> Result<()> {
     let config = Config::load(config_path)?;
-    let response = syncd::daemon::http_client()?
-        .get(format!("http://{}/v1/status", config.api.listen))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))?;
+    let response = call_daemon(&config, reqwest::Method::GET, "/v1/status", &[], 5).await?;
     let body: serde_json::Value = response
         .json()
         .await
@@ -416,36 +429,168 @@ async fn status(config_path: &Path, json: bool) -> Result<()> {
         body["site_id"].as_str().unwrap_or("?"),
         body["daemon_version"].as_str().unwrap_or("?")
     );
+    let config = &body["config"];
     println!(
-        "{:<16}  {:>9}  {:<20}  {:<20}  {:<20}  last error",
-        "client system", "queued", "last success (UTC)", "next retry (UTC)", "in flight"
+        "config {} loaded {}, {} reloads ({} refused)",
+        config["path"].as_str().unwrap_or("?"),
+        time(&config["loaded_at_ms"]),
+        config["reloads"].as_u64().unwrap_or(0),
+        config["reload_failures"].as_u64().unwrap_or(0),
+    );
+    if let Some(error) = config["last_error"].as_str() {
+        println!("last reload refused: {error}");
+    }
+    for key in config["restart_needed"].as_array().into_iter().flatten() {
+        println!("changed, needs a restart: {}", key.as_str().unwrap_or("?"));
+    }
+    let all: Vec<&serde_json::Value> = body["client_systems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let in_state = |state: &str| {
+        all.iter()
+            .filter(|cs| cs["connectivity"]["state"] == state)
+            .count()
+    };
+    println!(
+        "totals: {} client systems ({} online, {} offline), {} deliveries pending, {} batches in flight",
+        all.len(),
+        in_state("online"),
+        in_state("offline"),
+        all.iter()
+            .filter_map(|cs| cs["queued"].as_u64())
+            .sum::<u64>(),
+        all.iter().filter(|cs| cs["in_flight"].is_string()).count(),
     );
     for cs in body["client_systems"].as_array().into_iter().flatten() {
-        println!(
-            "{:<16}  {:>9}  {:<20}  {:<20}  {:<20}  {}",
-            cs["client_system"].as_str().unwrap_or("?"),
-            cs["queued"].as_u64().unwrap_or(0),
-            time(&cs["last_success_ms"]),
-            time(&cs["retry"]["next_attempt_ms"]),
-            cs["in_flight"].as_str().unwrap_or("-"),
-            cs["last_error"].as_str().unwrap_or("-"),
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+        let plugin = |p: &serde_json::Value| {
+            format!(
+                "{} {} (sha256 {}, {} {})",
+                text(&p["name"]),
+                text(&p["version"]),
+                p["sha256"].as_str().map_or("-", |h| &h[..h.len().min(12)]),
+                text(&p["origin"]),
+                time(&p["loaded_at_ms"]),
+            )
+        };
+        let with_time = |what: String, at: &serde_json::Value| match at.as_i64() {
+            Some(ms) => format!("{what} (at {})", format_ms(ms)),
+            None => what,
+        };
+        let retry = &cs["retry"];
+        let next_retry = match retry["next_attempt_ms"].as_i64() {
+            Some(ms) => format!(
+                "{} (batch {}, {} of {} attempts used)",
+                format_ms(ms),
+                text(&retry["batch_id"]),
+                retry["attempts"],
+                cs["settings"]["max_retries"].as_u64().map_or(0, |n| n + 1)
+            ),
+            None => "-".into(),
+        };
+        let remote = &cs["remote_config"];
+        let remote_config = match remote["version"].as_str() {
+            Some(version) => format!(
+                "version {version}, {} {}, sets {}",
+                text(&remote["source"]),
+                time(&remote["fetched_at_ms"]),
+                remote["keys"]
+                    .as_array()
+                    .map(|keys| keys
+                        .iter()
+                        .filter_map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            ),
+            None => "none".into(),
+        };
+        let link = &cs["connectivity"];
+        let connectivity = format!(
+            "{} since {}, {} failures in a row, last check {}",
+            text(&link["state"]),
+            time(&link["since_ms"]),
+            link["consecutive_failures"].as_u64().unwrap_or(0),
+            time(&link["last_check_ms"]),
         );
+        let outages = format!(
+            "{} (up {}, down {}; last failure: {})",
+            link["outages"].as_u64().unwrap_or(0),
+            format_duration(&link["uptime_ms"]),
+            format_duration(&link["downtime_ms"]),
+            text(&link["last_failure"]),
+        );
+        println!();
+        println!("{}", text(&cs["client_system"]));
+        let rows = [
+            ("connectivity", connectivity),
+            ("outages", outages),
+            ("queued", cs["queued"].as_u64().unwrap_or(0).to_string()),
+            ("in flight", text(&cs["in_flight"])),
+            ("last success", time(&cs["last_success_ms"])),
+            (
+                "last error",
+                with_time(text(&cs["last_error"]), &cs["last_error_ms"]),
+            ),
+            ("next retry", next_retry),
+            ("authentication", text(&cs["authentication"])),
+            ("last heartbeat", time(&cs["last_heartbeat_ms"])),
+            ("remote config", remote_config),
+            ("remote config error", text(&cs["remote_config_error"])),
+            ("encoder", plugin(&cs["encoder"])),
+            ("transport", plugin(&cs["transport"])),
+            ("reload error", text(&cs["reload_error"])),
+        ];
+        for (label, value) in rows {
+            println!("  {label:<20} {value}");
+        }
     }
     Ok(())
 }
 
+/// A number of milliseconds as a rounded duration, e.g. "3h 12m 5s".
+fn format_duration(ms: &serde_json::Value) -> String {
+    let seconds = ms.as_i64().unwrap_or(0).max(0) / 1000;
+    humantime::format_duration(Duration::from_secs(seconds as u64)).to_string()
+}
+
 /// Asks the daemon listening on `[api] listen` to sync now (`client`, or all).
 async fn request_sync(config: &Config, client: Option<&str>) -> Result<reqwest::Response> {
-    let mut url = reqwest::Url::parse(&format!("http://{}/v1/sync", config.api.listen))?;
-    if let Some(name) = client {
-        url.query_pairs_mut().append_pair("client", name);
+    let query: Vec<(&str, &str)> = client.map(|name| ("client", name)).into_iter().collect();
+    call_daemon(config, reqwest::Method::POST, "/v1/sync", &query, 5).await
+}
+
+/// Calls the running daemon's API on `[api] listen`, with `[api] token` if set.
+async fn call_daemon(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+    query: &[(&str, &str)],
+    timeout_secs: u64,
+) -> Result<reqwest::Response> {
+    let mut url = reqwest::Url::parse(&format!("http://{}{path}", config.api.listen))?;
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
     }
-    syncd::daemon::http_client()?
-        .post(url)
-        .timeout(Duration::from_secs(5))
+    let mut request = syncd::daemon::http_client()?
+        .request(method, url)
+        .timeout(Duration::from_secs(timeout_secs));
+    if let Some(token) = &config.api.token {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request
         .send()
         .await
-        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))
+        .with_context(|| format!("no daemon answers on {} ([api] listen)", config.api.listen))?;
+    if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+        anyhow::bail!(
+            "the daemon on {} refused the API token: [api] token must match the daemon's",
+            config.api.listen
+        );
+    }
+    Ok(response)
 }
 
 async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {
@@ -465,6 +610,40 @@ async fn sync_now(config_path: &Path, client: Option<&str>) -> Result<()> {
         .unwrap_or_default();
     println!("syncing now: {}", names.join(", "));
     Ok(())
+}
+
+async fn reload(config_path: &Path) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let response = call_daemon(&config, reqwest::Method::POST, "/v1/reload", &[], 120).await?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .context("the daemon's answer is not JSON")?;
+    let lines = |key: &str| -> Vec<String> {
+        body[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    for change in lines("changes") {
+        println!("changed: {change}");
+    }
+    for key in lines("restart_needed") {
+        println!("needs a restart: {key}");
+    }
+    if status.is_success() {
+        if lines("changes").is_empty() {
+            println!("nothing changed");
+        }
+        return Ok(());
+    }
+    anyhow::bail!(
+        "reload refused: {}",
+        body["error"].as_str().unwrap_or(status.as_str())
+    )
 }
 
 /// Asks a daemon listening on `[api] listen` to sync now; false if none answers.
@@ -503,6 +682,14 @@ async fn plugin_check(file: &Path) -> Result<()> {
     println!("  name:        {}", info.name);
     println!("  version:     {}", info.version);
     println!("  wit version: {}", info.wit_version);
+    let bytes = std::fs::read(file)?;
+    println!(
+        "  sha256:      {}",
+        syncd::plugin::cache::sha256_hex(&bytes)
+    );
+    let (imports, exports) = engine.interface(file).await?;
+    println!("  imports:     {}", imports.join(", "));
+    println!("  exports:     {}", exports.join(", "));
     Ok(())
 }
 

@@ -6,24 +6,41 @@
 //! Every attempt is logged to `sync_log` in the same transaction that records its
 //! effect on the batch. Every `heartbeat`, the worker sends the Client System a
 //! heartbeat through the transport, with the readings queued for it, its last success
-//! and the daemon's version.
+//! and the daemon's version. On start and every `config_refresh` it downloads the
+//! Client System's remote configuration, applies it between batches, and keeps the
+//! last good one in the queue's database for a start while the Client System is out
+//! of reach.
+//!
+//! Each worker keeps a connectivity [`Monitor`] fed by every request its transport
+//! makes and, when no request has said anything for `connectivity_check`, by a probe.
+//! While the Client System is offline no batch is attempted (so no retry is spent on
+//! an outage); when it answers again, the worker drains at once.
+//!
+//! Time comes from a [`Clock`], so tests can move it by hand.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::clock::now_ms;
-use crate::config::{BackoffConfig, EffectivePolicy};
+use crate::clock::{Clock, millis};
+use crate::config::{BackoffConfig, EffectivePolicy, Policy};
+use crate::connectivity::{Connectivity, Event, Monitor, State};
+use crate::metrics::WorkerMetrics;
 use crate::plugin::bindings::{UploadOutcome, types};
+use crate::plugin::cache::Origin;
 use crate::plugin::host::HttpTally;
 use crate::plugin::{CallError, EncoderPlugin, TransportPlugin};
-use crate::queue::{Attempt, Batch, Queue, QueuedReading};
+use crate::queue::{Attempt, Batch, Queue, QueuedReading, StoredRemoteConfig};
 
 /// How long a worker waits before trying again after the database failed it.
 const DATABASE_RETRY: Duration = Duration::from_secs(5);
+
+/// How soon a remote configuration that could not be downloaded is asked for again
+/// (or after `config_refresh`, if that is sooner).
+pub const CONFIG_RETRY: Duration = Duration::from_secs(60);
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,10 +103,13 @@ pub fn backoff_delay(backoff: &BackoffConfig, retry: u32, unit: f64) -> Duration
 pub struct WorkerStatus {
     /// The Client System.
     pub client_system: String,
-    /// The encoder in service: name and version.
-    pub encoder: String,
-    /// The transport in service: name and version.
-    pub transport: String,
+    /// The encoder in service.
+    pub encoder: PluginStatus,
+    /// The transport in service.
+    pub transport: PluginStatus,
+    /// Why the last reload of this Client System's plugins or settings was refused;
+    /// cleared by the next one that succeeds.
+    pub reload_error: Option<String>,
     /// The batch being attempted right now.
     pub in_flight: Option<String>,
     /// When the last attempt started, ms since the Unix epoch.
@@ -104,8 +124,116 @@ pub struct WorkerStatus {
     pub last_error_ms: Option<i64>,
     /// The batch waiting for its retry, if any.
     pub retry: Option<RetryState>,
-    /// Attempts in a row that found the Client System out of reach.
-    pub consecutive_unreachable: u32,
+    /// Whether the Client System can be reached, as of its last change of state
+    /// ([`WorkerStatus::as_of`] counts the time since).
+    pub connectivity: Connectivity,
+    /// Whether the Client System accepts the credentials, as last seen.
+    pub authentication: Authentication,
+    /// When the last heartbeat was delivered.
+    pub last_heartbeat_ms: Option<i64>,
+    /// The remote configuration in force, if any.
+    pub remote_config: Option<RemoteConfigStatus>,
+    /// Why the last remote configuration could not be downloaded or was refused.
+    pub remote_config_error: Option<String>,
+    /// The settings in force: the file's, with the remote configuration's on top.
+    pub settings: Option<EffectivePolicy>,
+    /// What it has counted since the start, for `GET /metrics`.
+    #[serde(skip)]
+    pub metrics: WorkerMetrics,
+}
+
+/// A plugin in service.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PluginStatus {
+    /// What it calls itself.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The WIT package version it was built for.
+    pub wit_version: String,
+    /// The component file.
+    pub path: String,
+    /// SHA-256 of the component file, in hex.
+    pub sha256: String,
+    /// When it went into service, ms since the Unix epoch.
+    pub loaded_at_ms: i64,
+    /// Whether it was compiled when loaded, or came from the compiled-plugin cache.
+    pub origin: Option<Origin>,
+}
+
+impl PluginStatus {
+    fn of<W: crate::plugin::runtime::World>(
+        plugin: &crate::plugin::runtime::Plugin<W>,
+        loaded_at_ms: i64,
+    ) -> Self {
+        let info = plugin.info();
+        Self {
+            name: info.name.clone(),
+            version: info.version.clone(),
+            wit_version: info.wit_version.clone(),
+            path: plugin.path().display().to_string(),
+            sha256: plugin.sha256().to_owned(),
+            loaded_at_ms,
+            origin: Some(plugin.origin()),
+        }
+    }
+}
+
+/// A change the supervisor sends a running worker; applied between batches.
+pub enum Control {
+    /// New settings from the configuration file.
+    Settings {
+        /// The site's id.
+        site_id: String,
+        /// The file's settings for this Client System.
+        policy: Policy,
+        /// Whether its remote configuration is applied.
+        remote_config: bool,
+    },
+    /// New plugins, each replacing the one in service from the next batch on.
+    Plugins {
+        /// A new encoder, if it changed.
+        encoder: Option<Box<EncoderPlugin>>,
+        /// A new transport, if it changed.
+        transport: Option<Box<TransportPlugin>>,
+    },
+}
+
+/// Whether the Client System accepts the credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Authentication {
+    /// Nothing that needs them has been done yet.
+    #[default]
+    Unknown,
+    /// The last call that needed them succeeded.
+    Ok,
+    /// Refused, even after authenticating again.
+    Refused,
+}
+
+/// The remote configuration in force.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemoteConfigStatus {
+    /// The version label the Client System gave it.
+    pub version: String,
+    /// The settings it sets.
+    pub keys: Vec<&'static str>,
+    /// When it was downloaded, ms since the Unix epoch.
+    pub fetched_at_ms: i64,
+    /// `downloaded` (this run) or `cached` (kept from an earlier run, the Client
+    /// System has not answered since the start).
+    pub source: &'static str,
+}
+
+impl WorkerStatus {
+    /// The status at `now_ms`: the time spent in the current connectivity state counted
+    /// in.
+    pub fn as_of(&self, now_ms: i64) -> WorkerStatus {
+        let mut status = self.clone();
+        status.connectivity = self.connectivity.as_of(now_ms);
+        status
+    }
 }
 
 /// A batch waiting for its retry.
@@ -122,28 +250,67 @@ pub struct RetryState {
 /// A worker's status, shared with the API.
 pub type SharedStatus = Arc<std::sync::RwLock<WorkerStatus>>;
 
+/// What a worker is set up with, from the configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// The Client System's name.
+    pub name: String,
+    /// The site's id.
+    pub site_id: String,
+    /// The settings from the file (`[defaults]` with the Client System's own on top).
+    pub policy: Policy,
+    /// Whether the Client System's remote configuration is downloaded and applied.
+    pub remote_config: bool,
+    /// Where time comes from.
+    pub clock: Clock,
+    /// Where connectivity changes are published.
+    pub events: broadcast::Sender<Event>,
+}
+
+/// A remote configuration in force.
+struct RemoteConfig {
+    stored: StoredRemoteConfig,
+    settings: Policy,
+}
+
 /// Delivers readings to one Client System.
 pub struct Worker {
     /// The Client System's name.
     pub name: String,
     /// The site's id.
     pub site_id: String,
-    /// Its settings.
+    /// The settings from the file.
+    local_policy: Policy,
+    /// Whether the remote configuration is applied.
+    accepts_remote_config: bool,
+    /// The remote configuration in force.
+    remote: Option<RemoteConfig>,
+    /// The settings in force.
     pub policy: EffectivePolicy,
+    /// Where time comes from.
+    clock: Clock,
     /// The queue.
     pub queue: Queue,
     /// Its encoder.
     pub encoder: EncoderPlugin,
     /// Its transport.
     pub transport: TransportPlugin,
-    /// Every configured Client System (a reading is deleted once all are done with it).
-    pub all_client_systems: Arc<Vec<String>>,
+    /// Changes from the supervisor.
+    control: mpsc::UnboundedReceiver<Control>,
     /// Notified to sync now.
     pub trigger: Arc<Notify>,
     /// Consecutive attempts that found the Client System out of reach.
     outage_streak: u32,
-    /// When the next heartbeat is due.
-    next_heartbeat: tokio::time::Instant,
+    /// Whether the Client System can be reached.
+    monitor: Monitor,
+    /// Where connectivity changes are published.
+    events: broadcast::Sender<Event>,
+    /// Set when the Client System answers again after an outage: drain at once.
+    reconnected: bool,
+    /// When the next heartbeat is due, ms since the Unix epoch.
+    next_heartbeat_ms: i64,
+    /// When the remote configuration is next downloaded.
+    next_config_fetch_ms: i64,
     /// What it publishes about itself.
     status: SharedStatus,
 }
@@ -151,14 +318,32 @@ pub struct Worker {
 /// Why a wait ended.
 enum Wake {
     Elapsed,
+    Control(Box<Control>),
     Triggered,
     Shutdown,
 }
 
-/// Waits for `pause`, a trigger, or shutdown, whichever comes first.
-async fn wait_for(trigger: &Notify, pause: Duration, shutdown: &mut watch::Receiver<bool>) -> Wake {
+/// The end of a pause.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// `interval` after this time: follows a change of `interval` made meanwhile.
+    IntervalAfter(i64),
+    /// This time.
+    At(i64),
+}
+
+/// Waits until `at_ms`, a trigger, a change from the supervisor, or shutdown,
+/// whichever comes first.
+async fn wait_for(
+    clock: &Clock,
+    trigger: &Notify,
+    at_ms: i64,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Wake {
     tokio::select! {
-        _ = tokio::time::sleep(pause) => Wake::Elapsed,
+        _ = clock.sleep_until(at_ms) => Wake::Elapsed,
+        Some(change) = control.recv() => Wake::Control(Box::new(change)),
         _ = trigger.notified() => Wake::Triggered,
         _ = shutdown.changed() => Wake::Shutdown,
     }
@@ -166,34 +351,55 @@ async fn wait_for(trigger: &Notify, pause: Duration, shutdown: &mut watch::Recei
 
 impl Worker {
     /// A worker for one Client System.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        name: String,
-        site_id: String,
-        policy: EffectivePolicy,
+        settings: WorkerSettings,
         queue: Queue,
         encoder: EncoderPlugin,
         transport: TransportPlugin,
-        all_client_systems: Arc<Vec<String>>,
+        control: mpsc::UnboundedReceiver<Control>,
         trigger: Arc<Notify>,
     ) -> Self {
+        let WorkerSettings {
+            name,
+            site_id,
+            policy: local_policy,
+            remote_config,
+            clock,
+            events,
+        } = settings;
+        let policy = local_policy.effective();
         let status = WorkerStatus {
             client_system: name.clone(),
-            encoder: format!("{} {}", encoder.info().name, encoder.info().version),
-            transport: format!("{} {}", transport.info().name, transport.info().version),
+            encoder: PluginStatus::of(&encoder, clock.now_ms()),
+            transport: PluginStatus::of(&transport, clock.now_ms()),
+            settings: Some(policy.clone()),
             ..WorkerStatus::default()
+        };
+        let now = clock.now_ms();
+        let monitor = Monitor::new(&name, now);
+        let status = WorkerStatus {
+            connectivity: monitor.status().clone(),
+            ..status
         };
         Self {
             name,
             site_id,
+            local_policy,
+            accepts_remote_config: remote_config,
+            remote: None,
             policy,
+            clock,
             queue,
             encoder,
             transport,
-            all_client_systems,
+            control,
             trigger,
             outage_streak: 0,
-            next_heartbeat: tokio::time::Instant::now(),
+            monitor,
+            events,
+            reconnected: false,
+            next_heartbeat_ms: now,
+            next_config_fetch_ms: now,
             status: Arc::new(std::sync::RwLock::new(status)),
         }
     }
@@ -211,34 +417,128 @@ impl Worker {
         update(&mut status);
     }
 
-    /// Waits for `pause`, a trigger or shutdown, sending heartbeats as they fall due
-    /// meanwhile.
-    async fn pause(&mut self, pause: Duration, shutdown: &mut watch::Receiver<bool>) -> Wake {
-        let until = tokio::time::Instant::now() + pause;
+    /// Waits for the end of the pause, a trigger or shutdown, doing the periodic
+    /// chores (heartbeat, remote configuration) as they fall due meanwhile.
+    async fn pause(&mut self, until: Until, shutdown: &mut watch::Receiver<bool>) -> Wake {
         let trigger = Arc::clone(&self.trigger);
         loop {
-            let heartbeat_first = self.next_heartbeat < until;
-            let wake_at = if heartbeat_first {
-                self.next_heartbeat
-            } else {
-                until
+            // Read each time round: a remote configuration may change the interval.
+            let end = match until {
+                Until::IntervalAfter(since) => since.saturating_add(millis(self.policy.interval)),
+                Until::At(at) => at,
             };
-            let wait = wake_at.saturating_duration_since(tokio::time::Instant::now());
-            match wait_for(&trigger, wait, shutdown).await {
-                Wake::Elapsed if heartbeat_first => self.heartbeat_if_due().await,
+            let chore = self.next_chore_ms();
+            let chore_first = chore < end;
+            let wake_at = if chore_first { chore } else { end };
+            match wait_for(&self.clock, &trigger, wake_at, &mut self.control, shutdown).await {
+                Wake::Control(change) => self.apply(*change),
+                Wake::Elapsed if chore_first => {
+                    self.chores().await;
+                    if self.reconnected {
+                        return Wake::Triggered;
+                    }
+                }
                 wake => return wake,
             }
         }
     }
 
+    /// When the next periodic chore is due.
+    fn next_chore_ms(&self) -> i64 {
+        let probe = self.monitor.next_probe_ms(self.policy.connectivity_check);
+        let chore = self.next_heartbeat_ms.min(probe);
+        if self.accepts_remote_config {
+            chore.min(self.next_config_fetch_ms)
+        } else {
+            chore
+        }
+    }
+
+    /// Does the periodic chores that are due.
+    async fn chores(&mut self) {
+        self.probe_if_due().await;
+        self.refresh_config_if_due().await;
+        self.heartbeat_if_due().await;
+    }
+
+    /// Probes the Client System if nothing has been heard of it for
+    /// `connectivity_check`.
+    async fn probe_if_due(&mut self) {
+        if self.clock.now_ms() >= self.monitor.next_probe_ms(self.policy.connectivity_check) {
+            self.probe().await;
+        }
+    }
+
+    /// Asks the transport whether the Client System answers.
+    async fn probe(&mut self) {
+        let result = self.transport.probe().await;
+        let now = self.clock.now_ms();
+        let event = match result {
+            Ok(Ok(())) => self.monitor.success(now),
+            Ok(Err(reason)) => self
+                .monitor
+                .failure(now, &format!("probe failed: {reason}")),
+            Err(error) => self.monitor.failure(now, &format!("probe failed: {error}")),
+        };
+        self.publish_connectivity(event);
+    }
+
+    /// Learns from the requests of the transport's last call: any answer shows the
+    /// Client System reachable; requests that all got none count against it.
+    fn observe_requests(&mut self) {
+        let tally = self.transport.last_tally();
+        let now = self.clock.now_ms();
+        let event = if tally.responses > 0 {
+            self.monitor.success(now)
+        } else if tally.unreachable > 0 {
+            let reason = tally.last_failure.as_deref().unwrap_or("no response");
+            self.monitor.failure(now, reason)
+        } else {
+            return;
+        };
+        self.publish_connectivity(event);
+    }
+
+    /// Publishes the monitor's state, and a change, if any, as an event and a log line.
+    fn publish_connectivity(&mut self, event: Option<Event>) {
+        let connectivity = self.monitor.status().clone();
+        self.publish(|s| s.connectivity = connectivity);
+        let Some(event) = event else {
+            return;
+        };
+        match &event {
+            Event::Connected {
+                after_outage_ms: Some(ms),
+                ..
+            } => {
+                info!(
+                    outage = ?Duration::from_millis(*ms as u64),
+                    "client system reachable again: delivering what queued meanwhile"
+                );
+                self.reconnected = true;
+                // Tell it at once that the site is back, and catch up on its settings.
+                let now = self.clock.now_ms();
+                self.next_heartbeat_ms = now;
+                self.next_config_fetch_ms = self.next_config_fetch_ms.min(now);
+            }
+            Event::Connected { .. } => info!("client system reachable"),
+            Event::Disconnected { reason, .. } => warn!(
+                %reason,
+                "client system offline: deliveries paused, readings keep queueing"
+            ),
+        }
+        // Nobody listening is fine: the event is also in the log and in status.
+        let _ = self.events.send(event);
+    }
+
     /// Sends a heartbeat through the transport if one is due. A failed heartbeat is
     /// logged and tried again at the next one.
     async fn heartbeat_if_due(&mut self) {
-        let now = tokio::time::Instant::now();
-        if now < self.next_heartbeat {
+        let now = self.clock.now_ms();
+        if now < self.next_heartbeat_ms {
             return;
         }
-        self.next_heartbeat = now + self.policy.heartbeat;
+        self.next_heartbeat_ms = now.saturating_add(millis(self.policy.heartbeat));
         let queued = match self.queue.queued_for(&self.name).await {
             Ok(queued) => queued,
             Err(error) => {
@@ -257,10 +557,235 @@ impl Worker {
             last_success_ms,
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        match self.transport.heartbeat(&status).await {
-            Ok(Ok(())) => debug!(queued, "heartbeat sent"),
-            Ok(Err(reason)) => warn!(%reason, "heartbeat refused"),
-            Err(error) => warn!("heartbeat failed: {error}"),
+        let result = self.transport.heartbeat(&status).await;
+        self.observe_requests();
+        match result {
+            Ok(Ok(())) => {
+                debug!(queued, "heartbeat sent");
+                self.publish(|s| {
+                    s.last_heartbeat_ms = Some(now);
+                    s.authentication = Authentication::Ok;
+                    s.metrics.heartbeats += 1;
+                });
+            }
+            Ok(Err(reason)) => {
+                warn!(%reason, "heartbeat refused");
+                self.publish(|s| s.metrics.heartbeat_failures += 1);
+            }
+            Err(error) => {
+                warn!("heartbeat failed: {error}");
+                self.count_plugin_failure("transport", &error);
+                self.publish(|s| s.metrics.heartbeat_failures += 1);
+            }
+        }
+    }
+
+    /// Applies the remote configuration kept from an earlier run, if any: it holds
+    /// until the Client System answers with its current one.
+    async fn restore_remote_config(&mut self) {
+        if !self.accepts_remote_config {
+            return;
+        }
+        match self.queue.remote_config(&self.name).await {
+            Ok(Some(stored)) => self.take_remote_config(stored, "cached").await,
+            Ok(None) => {}
+            Err(error) => warn!("cannot read the kept remote configuration: {error:#}"),
+        }
+    }
+
+    /// Downloads the remote configuration if it is due, and applies it.
+    async fn refresh_config_if_due(&mut self) {
+        let now = self.clock.now_ms();
+        if !self.accepts_remote_config || now < self.next_config_fetch_ms {
+            return;
+        }
+        let result = self.transport.fetch_config().await;
+        self.observe_requests();
+        let failure = match result {
+            Ok(Ok(Some(remote))) => {
+                self.publish(|s| s.authentication = Authentication::Ok);
+                let stored = StoredRemoteConfig {
+                    client_system: self.name.clone(),
+                    version: remote.version,
+                    body: remote.body,
+                    fetched_at_ms: now,
+                };
+                self.take_remote_config(stored, "downloaded").await;
+                None
+            }
+            Ok(Ok(None)) => {
+                self.publish(|s| s.authentication = Authentication::Ok);
+                self.drop_remote_config().await;
+                None
+            }
+            Ok(Err(reason)) => Some(reason),
+            Err(error) => Some(error.to_string()),
+        };
+        let next = match failure {
+            None => self.policy.config_refresh,
+            Some(reason) => {
+                warn!(%reason, "remote configuration not downloaded, will try again");
+                self.publish(|s| {
+                    s.remote_config_error = Some(format!("download failed: {reason}"));
+                });
+                self.policy.config_refresh.min(CONFIG_RETRY)
+            }
+        };
+        self.next_config_fetch_ms = now.saturating_add(millis(next));
+    }
+
+    /// Validates a remote configuration and, if good, puts it in force and keeps it.
+    /// A bad one changes nothing.
+    async fn take_remote_config(&mut self, config: StoredRemoteConfig, source: &'static str) {
+        let settings = match Policy::from_remote_json(&config.body) {
+            Ok(settings) => settings,
+            Err(reason) => {
+                let reason = format!("version \"{}\" refused: {reason}", config.version);
+                warn!(%reason, "remote configuration refused, the settings in force stay");
+                self.publish(|s| s.remote_config_error = Some(reason));
+                return;
+            }
+        };
+        let same = self
+            .remote
+            .as_ref()
+            .is_some_and(|r| r.stored.version == config.version && r.stored.body == config.body);
+        if same {
+            self.publish(|s| s.remote_config_error = None);
+            return;
+        }
+        if source == "downloaded"
+            && let Err(error) = self.queue.save_remote_config(&config).await
+        {
+            warn!("remote configuration applied but not kept for the next start: {error:#}");
+        }
+        info!(
+            version = %config.version,
+            source,
+            keys = ?settings.keys(),
+            "remote configuration applied"
+        );
+        let status = RemoteConfigStatus {
+            version: config.version.clone(),
+            keys: settings.keys(),
+            fetched_at_ms: config.fetched_at_ms,
+            source,
+        };
+        self.remote = Some(RemoteConfig {
+            stored: config,
+            settings,
+        });
+        self.publish(|s| {
+            s.remote_config = Some(status);
+            s.remote_config_error = None;
+        });
+        self.apply_settings();
+    }
+
+    /// The Client System has no remote configuration for this site (any more).
+    async fn drop_remote_config(&mut self) {
+        self.publish(|s| s.remote_config_error = None);
+        if self.remote.take().is_none() {
+            return;
+        }
+        info!("the client system has no remote configuration any more: the file's settings apply");
+        if let Err(error) = self.queue.forget_remote_config(&self.name).await {
+            warn!("cannot forget the kept remote configuration: {error:#}");
+        }
+        self.publish(|s| s.remote_config = None);
+        self.apply_settings();
+    }
+
+    /// Puts in force the file's settings with the remote configuration's on top.
+    fn apply_settings(&mut self) {
+        let layered = match &self.remote {
+            Some(remote) => self.local_policy.overlaid_with(&remote.settings),
+            None => self.local_policy.clone(),
+        };
+        let new = layered.effective();
+        if new == self.policy {
+            return;
+        }
+        let now = self.clock.now_ms();
+        // A shorter period takes effect now, not after the longer one runs out.
+        self.next_heartbeat_ms = self
+            .next_heartbeat_ms
+            .min(now.saturating_add(millis(new.heartbeat)));
+        self.next_config_fetch_ms = self
+            .next_config_fetch_ms
+            .min(now.saturating_add(millis(new.config_refresh)));
+        self.transport
+            .context()
+            .set_request_timeout(new.request_timeout);
+        debug!(settings = ?new, "settings changed");
+        self.policy = new.clone();
+        self.publish(|s| s.settings = Some(new));
+    }
+
+    /// Counts a plugin call that trapped or ran past its deadline.
+    fn count_plugin_failure(&self, plugin: &'static str, error: &CallError) {
+        self.publish(|s| {
+            let counts = match error {
+                CallError::Trap(_) => &mut s.metrics.plugin_traps,
+                CallError::Deadline(_) => &mut s.metrics.plugin_deadlines,
+            };
+            *counts.entry(plugin).or_default() += 1;
+        });
+    }
+
+    /// Applies a change from the supervisor (between batches: the batch in flight, if
+    /// any, finished under the old settings and plugins).
+    fn apply(&mut self, change: Control) {
+        let now = self.clock.now_ms();
+        match change {
+            Control::Settings {
+                site_id,
+                policy,
+                remote_config,
+            } => {
+                self.site_id = site_id;
+                self.local_policy = policy;
+                if remote_config != self.accepts_remote_config {
+                    self.accepts_remote_config = remote_config;
+                    if remote_config {
+                        self.next_config_fetch_ms = now;
+                    } else if self.remote.take().is_some() {
+                        self.publish(|s| s.remote_config = None);
+                    }
+                }
+                self.apply_settings();
+                info!("settings reloaded");
+            }
+            Control::Plugins { encoder, transport } => {
+                if let Some(encoder) = encoder {
+                    info!(
+                        from = %self.encoder.info().version,
+                        to = %encoder.info().version,
+                        name = %encoder.info().name,
+                        sha256 = %encoder.sha256(),
+                        "encoder replaced"
+                    );
+                    self.encoder = *encoder;
+                    let status = PluginStatus::of(&self.encoder, now);
+                    self.publish(|s| s.encoder = status);
+                }
+                if let Some(transport) = transport {
+                    info!(
+                        from = %self.transport.info().version,
+                        to = %transport.info().version,
+                        name = %transport.info().name,
+                        sha256 = %transport.sha256(),
+                        "transport replaced"
+                    );
+                    self.transport = *transport;
+                    // The remote configuration may have changed the request timeout.
+                    self.transport
+                        .context()
+                        .set_request_timeout(self.policy.request_timeout);
+                    let status = PluginStatus::of(&self.transport, now);
+                    self.publish(|s| s.transport = status);
+                }
+            }
         }
     }
 
@@ -269,6 +794,7 @@ impl Worker {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let span = info_span!("worker", client_system = %self.name);
         async move {
+            self.restore_remote_config().await;
             info!(
                 encoder = %self.encoder.info().name,
                 transport = %self.transport.info().name,
@@ -276,17 +802,17 @@ impl Worker {
                 "worker started"
             );
             loop {
-                let pause = match self.drain(&mut shutdown).await {
-                    Ok(()) => self.policy.interval,
+                let until = match self.drain(&mut shutdown).await {
+                    Ok(()) => Until::IntervalAfter(self.clock.now_ms()),
                     Err(error) => {
                         warn!("sync stopped by an error, will try again: {error:#}");
-                        DATABASE_RETRY
+                        Until::At(self.clock.after(DATABASE_RETRY))
                     }
                 };
                 if *shutdown.borrow() {
                     break;
                 }
-                if let Wake::Shutdown = self.pause(pause, &mut shutdown).await {
+                if let Wake::Shutdown = self.pause(until, &mut shutdown).await {
                     break;
                 }
             }
@@ -303,14 +829,31 @@ impl Worker {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            // A long backlog must not silence the heartbeat.
-            self.heartbeat_if_due().await;
+            // Changes from the supervisor take effect between batches.
+            while let Ok(change) = self.control.try_recv() {
+                self.apply(change);
+            }
+            // A long backlog must not hold back the heartbeat or a new configuration.
+            self.chores().await;
+            self.reconnected = false;
+            if self.monitor.state() == State::Offline {
+                // Woken while offline (interval, `syncd sync`): look again now.
+                self.probe().await;
+                self.reconnected = false;
+                if self.monitor.state() == State::Offline {
+                    debug!("offline: no batch attempted");
+                    return Ok(());
+                }
+            }
             if let Some(batch) = self.queue.pending_batch(&self.name).await? {
-                let wait_ms = batch.next_attempt_at_ms - now_ms();
-                if wait_ms > 0 {
-                    let pause = Duration::from_millis(wait_ms as u64);
-                    debug!(batch_id = %batch.id, ?pause, "waiting to retry");
-                    if let Wake::Shutdown = self.pause(pause, shutdown).await {
+                // A batch held back by an outage goes as soon as the Client System has
+                // answered since.
+                let held_by_outage =
+                    self.outage_streak > 0 && self.monitor.consecutive_failures() == 0;
+                if batch.next_attempt_at_ms > self.clock.now_ms() && !held_by_outage {
+                    debug!(batch_id = %batch.id, at_ms = batch.next_attempt_at_ms, "waiting to retry");
+                    let until = Until::At(batch.next_attempt_at_ms);
+                    if let Wake::Shutdown = self.pause(until, shutdown).await {
                         return Ok(());
                     }
                 }
@@ -336,7 +879,7 @@ impl Worker {
 
     async fn attempt_in_span(&mut self, batch: Batch, readings: Vec<QueuedReading>) -> Result<()> {
         let number = batch.attempts + 1;
-        let started_at_ms = now_ms();
+        let started_at_ms = self.clock.now_ms();
         let clock = Instant::now();
         self.publish(|s| s.in_flight = Some(batch.id.clone()));
         let verdict = if readings.is_empty() {
@@ -365,7 +908,13 @@ impl Worker {
             s.retry = None;
             s.last_attempt_ms = Some(started_at_ms);
             s.last_outcome = Some(verdict.label().to_owned());
-            s.consecutive_unreachable = self.outage_streak;
+            *s.metrics.attempts.entry(verdict.label()).or_default() += 1;
+            s.metrics.attempt_seconds.observe(clock.elapsed());
+            match verdict {
+                Verdict::Accepted => s.authentication = Authentication::Ok,
+                Verdict::Unauthorized(_) => s.authentication = Authentication::Refused,
+                _ => {}
+            }
             match verdict.error() {
                 None => s.last_success_ms = Some(started_at_ms),
                 Some(error) => {
@@ -377,10 +926,11 @@ impl Worker {
         let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
         match verdict {
             Verdict::Accepted => {
-                let pruned = self
-                    .queue
-                    .acknowledge(&batch, attempt, &self.all_client_systems)
-                    .await?;
+                let pruned = self.queue.acknowledge(&batch, attempt).await?;
+                self.publish(|s| {
+                    s.metrics.batches_delivered += 1;
+                    s.metrics.readings_delivered += batch.reading_count as u64;
+                });
                 info!(
                     readings = batch.reading_count,
                     pruned,
@@ -391,12 +941,14 @@ impl Worker {
             Verdict::Rejected(reason) => {
                 warn!(%reason, "batch rejected: moved to dead letters");
                 self.queue.dead_letter(&batch, attempt, &reason).await?;
+                self.publish(|s| s.metrics.readings_dead_lettered += batch.reading_count as u64);
             }
             Verdict::Retry { reason, .. } if retries_used > self.policy.max_retries => {
                 let reason =
                     format!("out of retries after {number} attempts; last error: {reason}");
                 warn!(%reason, "batch moved to dead letters");
                 self.queue.dead_letter(&batch, attempt, &reason).await?;
+                self.publish(|s| s.metrics.readings_dead_lettered += batch.reading_count as u64);
             }
             Verdict::Retry { reason, delay } => {
                 let backoff = backoff_delay(&self.policy.backoff, retries_used, fastrand::f64());
@@ -431,7 +983,7 @@ impl Worker {
         attempts_used: i32,
         pause: Duration,
     ) -> Result<()> {
-        let at = later(pause);
+        let at = self.clock.after(pause);
         self.queue
             .schedule_retry(batch, attempt, attempts_used, at)
             .await?;
@@ -459,18 +1011,25 @@ impl Worker {
             attempt: u32::try_from(number).unwrap_or(u32::MAX),
         };
         let readings: Vec<types::Reading> = readings.into_iter().map(into_wit).collect();
-        let encoded = match self.encoder.encode(&info, &readings).await {
+        let started = Instant::now();
+        let result = self.encoder.encode(&info, &readings).await;
+        self.publish(|s| s.metrics.encoder_seconds.observe(started.elapsed()));
+        let encoded = match result {
             Ok(Ok(encoded)) => encoded,
             Ok(Err(reason)) => {
                 return Verdict::Rejected(format!("encoder refused the batch: {reason}"));
             }
-            Err(error) => return plugin_failure("encoder", error),
+            Err(error) => {
+                self.count_plugin_failure("encoder", &error);
+                return plugin_failure("encoder", error);
+            }
         };
         drop(readings);
         match self.upload(&info, &encoded).await {
             Verdict::Unauthorized(reason) => {
                 debug!(%reason, "unauthorized: authenticating again");
                 let result = self.transport.authenticate().await;
+                self.observe_requests();
                 let tally = self.transport.last_tally();
                 match result {
                     Ok(Ok(())) => match self.upload(&info, &encoded).await {
@@ -491,7 +1050,13 @@ impl Worker {
     }
 
     async fn upload(&mut self, info: &types::BatchInfo, encoded: &types::EncodedBatch) -> Verdict {
+        let started = Instant::now();
         let result = self.transport.upload(info, encoded).await;
+        self.publish(|s| s.metrics.transport_seconds.observe(started.elapsed()));
+        if let Err(error) = &result {
+            self.count_plugin_failure("transport", error);
+        }
+        self.observe_requests();
         let tally = self.transport.last_tally();
         match result {
             Ok(UploadOutcome::Accepted) => Verdict::Accepted,
@@ -514,11 +1079,6 @@ fn unreachable(tally: &HttpTally) -> Verdict {
             .clone()
             .unwrap_or_else(|| "no response".to_owned()),
     )
-}
-
-/// The time `pause` from now, in ms since the Unix epoch.
-fn later(pause: Duration) -> i64 {
-    now_ms().saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A plugin that trapped or overran its deadline: the batch is kept and retried; the

@@ -48,7 +48,19 @@ fn plugin_check_says_what_a_component_is() {
     let transport = plugin("meterit_http");
     let out = syncd(&["plugin", "check", transport.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("world:       sync:plugin/transport"));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("world:       sync:plugin/transport"),
+        "{report}"
+    );
+    assert!(
+        report.contains("imports:     sync:plugin/http@0.1.0, sync:plugin/log@0.1.0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("exports:     describe, authenticate, upload"),
+        "{report}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");
@@ -322,8 +334,10 @@ async fn status_shows_each_client_systems_state() {
     assert_eq!(s["site_id"], "site-test");
     assert_eq!(cs["client_system"], "meterit");
     assert_eq!(cs["queued"], 3);
-    assert_eq!(cs["encoder"], "json-batch 0.1.0");
-    assert_eq!(cs["transport"], "meterit-http 0.1.0");
+    assert_eq!(cs["encoder"]["name"], "json-batch");
+    assert_eq!(cs["encoder"]["version"], "0.1.0");
+    assert_eq!(cs["encoder"]["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(cs["transport"]["name"], "meterit-http");
     assert_eq!(cs["last_outcome"], "retry");
     assert!(
         cs["last_error"].as_str().unwrap().contains("HTTP 503"),
@@ -332,11 +346,35 @@ async fn status_shows_each_client_systems_state() {
     assert!(cs["last_success_ms"].is_null());
     let table = text(&syncd(&["-c", config, "status"]).stdout);
     assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("meterit") && l.contains("HTTP 503")),
+        table.contains("totals: 1 client systems (1 online, 0 offline), 3 deliveries pending"),
         "{table}"
     );
+    let block: Vec<&str> = table
+        .lines()
+        .skip_while(|l| *l != "meterit")
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let row = |label: &str| {
+        block
+            .iter()
+            .find_map(|l| l.trim_start().strip_prefix(label))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {label} row in\n{table}"))
+    };
+    assert_eq!(row("queued"), "3", "{table}");
+    assert!(row("last error").contains("HTTP 503"), "{table}");
+    assert!(
+        row("next retry").contains("1 of 6 attempts used"),
+        "{table}"
+    );
+    assert_eq!(row("authentication"), "ok", "{table}");
+    assert!(row("connectivity").starts_with("online since"), "{table}");
+    assert!(row("outages").starts_with("0 (up"), "{table}");
+    assert!(
+        row("encoder").starts_with("json-batch 0.1.0 (sha256 "),
+        "{table}"
+    );
+    assert_eq!(row("remote config "), "none", "{table}");
 
     assert!(syncd(&["-c", config, "sync"]).status.success());
     eventually(Duration::from_secs(30), "a success in status", || async {
@@ -349,4 +387,252 @@ async fn status_shows_each_client_systems_state() {
     daemon.stop().await;
     let out = syncd(&["-c", config, "status"]);
     assert_eq!(out.status.code(), Some(1), "no daemon any more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_by_command_and_by_sighup() {
+    let mut site = Site::new("").await;
+    let encoder = site.use_plugin_copy("json_batch", "encoder.wasm");
+    let config = site.config_path();
+    let config = config.to_str().unwrap();
+    let mut daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_syncd"))
+            .args(["-c", config, "run"])
+            .spawn()
+            .expect("daemon starts"),
+    );
+    site.wait_for_api().await;
+    let reloads = || async {
+        let http = syncd::daemon::http_client().unwrap();
+        let body: serde_json::Value = http
+            .get(format!("{}/v1/status", site.api()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["config"]["reloads"].as_u64().unwrap()
+    };
+
+    let out = syncd(&["-c", config, "reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "nothing changed");
+    assert_eq!(reloads().await, 1);
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    eventually(Duration::from_secs(30), "the SIGHUP reload", || async {
+        reloads().await == 2
+    })
+    .await;
+
+    // A broken encoder: refused, exit 1 with the reason; the daemon keeps running.
+    std::fs::write(&encoder, b"garbage").unwrap();
+    let out = syncd(&["-c", config, "reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("reload refused")
+            && stderr.contains("meterit")
+            && stderr.contains("encoder"),
+        "{stderr}"
+    );
+    // Fixed: the watcher or the command (whichever comes first) puts it in service.
+    std::fs::copy(plugin("json_batch_v2"), &encoder).unwrap();
+    let out = syncd(&["-c", config, "reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    eventually(
+        Duration::from_secs(30),
+        "encoder 0.2.0 in service",
+        || async { site.status().await["encoder"]["version"] == "0.2.0" },
+    )
+    .await;
+    assert!(site.status().await["reload_error"].is_null());
+
+    let term = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(daemon.0.wait().unwrap().success());
+}
+
+/// A daemon process, killed if the test ends before it stops it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_token_is_enforced_and_no_secret_leaks() {
+    const TOKEN: &str = "tok-5f2c-9a71";
+    let mut site = Site::new("").await;
+    let config_path = site.config_path();
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    let with_token = original.replacen("[api]\n", &format!("[api]\ntoken = \"{TOKEN}\"\n"), 1);
+    std::fs::write(&config_path, with_token).unwrap();
+    site.config = syncd::config::Config::load(&config_path).unwrap();
+    let config = config_path.to_str().unwrap();
+    site.queue()
+        .await
+        .enqueue(&common::readings(20))
+        .await
+        .unwrap();
+
+    let log_path = site.dir.path().join("daemon.log");
+    let mut daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_syncd"))
+            .args(["-c", config, "--log-level", "debug", "run"])
+            .stdout(std::fs::File::create(&log_path).unwrap())
+            .stderr(std::fs::File::create(site.dir.path().join("daemon.err")).unwrap())
+            .spawn()
+            .expect("daemon starts"),
+    );
+    site.wait_for_api().await;
+    eventually(Duration::from_secs(60), "20 readings delivered", || async {
+        site.client().stats().await.unwrap().readings == 20
+    })
+    .await;
+
+    let http = syncd::daemon::http_client().unwrap();
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = http.get(format!("{}{path}", site.api()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    for path in ["/v1/status", "/metrics", "/v1/stats"] {
+        assert_eq!(get(path, None).await.unwrap().status(), 401, "{path}");
+        assert_eq!(
+            get(path, Some("wrong")).await.unwrap().status(),
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            get(path, Some(TOKEN)).await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(get("/healthz", None).await.unwrap().status(), 200);
+    let ingest = http
+        .post(format!("{}/v1/readings", site.api()))
+        .body("{\"meter_id\":\"m\",\"timestamp\":1790000000000,\"value\":1}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ingest.status(), 401);
+
+    // The CLI carries the token from the config.
+    let out = syncd(&["-c", config, "status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = text(&out.stdout);
+    let metrics = get("/metrics", Some(TOKEN))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let wrong = site.dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(&config_path)
+            .unwrap()
+            .replace(TOKEN, "not-the-token"),
+    )
+    .unwrap();
+    let out = syncd(&["-c", wrong.to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("refused the API token"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let term = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(daemon.0.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&log_path).unwrap()
+        + &std::fs::read_to_string(site.dir.path().join("daemon.err")).unwrap();
+    assert!(
+        logs.contains("batch delivered"),
+        "the debug log was captured"
+    );
+    for (what, output) in [("logs", &logs), ("status", &status), ("metrics", &metrics)] {
+        assert!(
+            !output.contains(common::API_KEY),
+            "the API key is in the {what}"
+        );
+        assert!(!output.contains(TOKEN), "the API token is in the {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_refreshes_in_place() {
+    let site = Site::new("").await;
+    let config = site.config_path();
+    let daemon = site.start();
+    site.wait_for_api().await;
+    let watcher = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(["-c", config.to_str().unwrap(), "status", "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watcher = KillOnDrop(watcher);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    watcher.0.kill().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(watcher.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let screens = out.matches("\x1b[H\x1b[2J").count();
+    assert!(screens >= 2, "{screens} refreshes in 2.5 s:\n{out}");
+    assert!(out.matches("site site-test").count() >= 2, "{out}");
+    daemon.stop().await;
+}
+
+#[test]
+fn migrate_creates_the_schema_once_and_says_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sync.toml");
+    std::fs::write(
+        &config,
+        "[site]\nid = \"s\"\n[database]\nurl = \"sqlite://state/queue.db\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for _ in 0..2 {
+        let out = syncd(&["-c", config, "migrate"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert!(dir.path().join("state/queue.db").is_file());
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[site]\nid = \"s\"\n[database]\nurl = \"postgres://nobody@127.0.0.1:1/none\"\n",
+    )
+    .unwrap();
+    // Nothing listens on port 1: refused quickly, with the database named (its
+    // password, if any, redacted).
+    let started = std::time::Instant::now();
+    let out = syncd(&["-c", bad.to_str().unwrap(), "migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("failed to open the database"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
 }

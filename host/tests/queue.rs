@@ -4,24 +4,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
 use client_system::Fault;
-use common::{Backend, Site, eventually, readings};
+use common::{Backend, Site, eventually, readings, times_stored};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// How many times each reading id was stored.
-fn times_stored(stored: &[client_system::StoredReading]) -> BTreeMap<i64, usize> {
-    let mut seen = BTreeMap::new();
-    for r in stored {
-        *seen.entry(r.id).or_insert(0) += 1;
-    }
-    seen
-}
 
 async fn post(url: &str, body: Vec<u8>) -> (u16, Value) {
     let response = syncd::daemon::http_client()
@@ -117,8 +107,7 @@ async fn ingest_is_all_or_nothing(backend: Backend, test: &str) {
 on_both_backends!(ingest_is_all_or_nothing);
 
 async fn fan_out_survives_one_client_system_down(backend: Backend, test: &str) {
-    let policy =
-        "interval = \"200ms\"\nbatch_size = 500\nbackoff = { initial = \"50ms\", max = \"200ms\" }";
+    let policy = "interval = \"200ms\"\nbatch_size = 500\nconnectivity_check = \"200ms\"\nbackoff = { initial = \"50ms\", max = \"200ms\" }";
     let mut site = Site::build(backend, test, "", &[("alpha", policy), ("beta", policy)]).await;
     site.endpoints[1].stop().await;
     let queue = site.queue().await;
@@ -129,13 +118,12 @@ async fn fan_out_survives_one_client_system_down(backend: Backend, test: &str) {
         site.endpoints[0].server().stats().await.unwrap().readings == 1500
     })
     .await;
-    // Beta stays down for many more failed attempts than max_retries (5).
+    // Beta stays down for many more failed checks than max_retries (5).
+    site.wait_for_api().await;
     eventually(LIMIT, "beta's failures to exceed max_retries", || async {
-        let log = queue.sync_log_since(0).await.unwrap();
-        log.iter()
-            .filter(|r| r.client_system == "beta" && r.outcome == "unreachable")
-            .count()
-            > 10
+        let beta = site.status_of("beta").await;
+        beta["connectivity"]["state"] == "offline"
+            && beta["connectivity"]["consecutive_failures"].as_u64() > Some(10)
     })
     .await;
     queue.enqueue(&readings(300)).await.unwrap();
@@ -234,8 +222,7 @@ async fn dead_letters_are_listed_requeued_and_purged(backend: Backend, test: &st
     .await;
 
     // Purge the other: its readings go, since no Client System needs them any more.
-    let names = site.config.client_system_names();
-    assert_eq!(queue.purge_dead_letters(None, &names).await.unwrap(), 1);
+    assert_eq!(queue.purge_dead_letters(None).await.unwrap(), 1);
     assert!(queue.dead_letters().await.unwrap().is_empty());
     assert_eq!(queue.reading_count().await.unwrap(), 0);
 

@@ -7,10 +7,12 @@
 //! - `batches`: every batch, recorded before it is sent, until it is acknowledged.
 //! - `dead_letters`: batches refused for good, kept with their reason.
 //! - `sync_log`: one row per delivery attempt.
+//! - `remote_configs`: the last good remote configuration of each Client System.
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_create_queue;
+mod m20261122_000002_remote_configs;
 
 /// Applies syncd's migrations in order.
 pub struct Migrator;
@@ -18,6 +20,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261122_000001_create_queue::Migration)]
+        vec![
+            Box::new(m20261122_000001_create_queue::Migration),
+            Box::new(m20261122_000002_remote_configs::Migration),
+        ]
     }
 }

@@ -98,7 +98,10 @@ fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
     plugins::build(ws)?;
     run(Command::new(&ws.cargo)
         .current_dir(&ws.root)
-        .args(["bench", "--locked", "-p", "syncd", "--bench", "queue", "--"])
+        .args([
+            "bench", "--locked", "-p", "syncd", "--bench", "queue", "--bench", "reload",
+        ])
+        .arg("--")
         .args(extra))
 }
 

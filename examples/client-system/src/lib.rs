@@ -14,14 +14,23 @@
 //! And for tests and the demo, under `/admin` (no authentication: loopback only):
 //! - `GET /admin/stats` → `{"batches", "readings", "duplicates", "heartbeats"}`;
 //! - `GET /admin/readings` → every stored reading;
+//! - `GET /admin/batches` → every stored batch: id, reading count, content type;
 //! - `POST /admin/faults` `[{"status": 503, "retry_after": 2, "delay_ms": 0}, …]`: the
 //!   next batch uploads are answered with these, in order; `{"store": true,
-//!   "delay_ms": N}` stores the batch, then holds the answer N ms;
+//!   "delay_ms": N}` stores the batch, then holds the answer N ms; `{"hang_up": true}`
+//!   closes the connection without answering (after `delay_ms`, if given); `{"store":
+//!   true, "hang_up": true}` stores, then closes; `{"truncate": true}` stores, then sends
+//!   half of the answer and closes;
+//! - `PUT /admin/chaos` `{"seed": 7, "rate": 0.3, "max_delay_ms": 2000}`: from then on a
+//!   random share `rate` of the uploads not given a fault above meet one drawn at random
+//!   (an error status, a throttle with Retry-After, a slow answer, a reset before or after
+//!   storing, a truncated answer); `null` turns it off. `GET /admin/chaos` counts what was
+//!   drawn;
 //! - `PUT /admin/config` `{"version": …, "config": {…}}`.
 //!
 //! Everything accepted is stored in its own SQLite file.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -66,7 +75,104 @@ pub struct Fault {
     /// How long to wait before answering.
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// Close the connection instead of answering (after `delay_ms`, if given), as a
+    /// server that crashes or a link that breaks mid-request would. With `store`, the
+    /// batch is stored first: the sender cannot know it arrived.
+    #[serde(default)]
+    pub hang_up: bool,
+    /// Store the batch, then send only the first half of the answer (its
+    /// `Content-Length` promising all of it) and close the connection.
+    #[serde(default)]
+    pub truncate: bool,
 }
+
+/// Faults drawn at random for the uploads that were not given one by
+/// [`Server::inject_faults`]: the long fault runs.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chaos {
+    /// Seeds the draws, so that a run can be repeated.
+    pub seed: u64,
+    /// The share of uploads that meet a fault, from 0 to 1.
+    pub rate: f64,
+    /// The longest hold of a slow answer, in milliseconds.
+    pub max_delay_ms: u64,
+}
+
+/// The kinds of fault [`Chaos`] draws from, equally likely.
+const CHAOS_KINDS: [&str; 8] = [
+    "status_500",
+    "status_502",
+    "status_503_retry_after",
+    "status_429_retry_after",
+    "slow_answer",
+    "reset_before_storing",
+    "reset_after_storing",
+    "truncated_answer",
+];
+
+struct ChaosState {
+    chaos: Chaos,
+    rng: fastrand::Rng,
+}
+
+impl ChaosState {
+    /// Draws the fault for one upload, if any, with the name of its kind.
+    fn draw(&mut self) -> Option<(&'static str, Fault)> {
+        if self.rng.f64() >= self.chaos.rate {
+            return None;
+        }
+        let kind = CHAOS_KINDS[self.rng.usize(..CHAOS_KINDS.len())];
+        let delay = self.rng.u64(0..=self.chaos.max_delay_ms);
+        let fault = match kind {
+            "status_500" => Fault {
+                status: 500,
+                ..Fault::default()
+            },
+            "status_502" => Fault {
+                status: 502,
+                ..Fault::default()
+            },
+            "status_503_retry_after" => Fault {
+                status: 503,
+                retry_after: Some(1),
+                ..Fault::default()
+            },
+            "status_429_retry_after" => Fault {
+                status: 429,
+                retry_after: Some(1),
+                ..Fault::default()
+            },
+            "slow_answer" => Fault {
+                store: true,
+                delay_ms: Some(delay),
+                ..Fault::default()
+            },
+            "reset_before_storing" => Fault {
+                hang_up: true,
+                delay_ms: Some(delay / 4),
+                ..Fault::default()
+            },
+            "reset_after_storing" => Fault {
+                store: true,
+                hang_up: true,
+                ..Fault::default()
+            },
+            _ => Fault {
+                truncate: true,
+                ..Fault::default()
+            },
+        };
+        Some((kind, fault))
+    }
+}
+
+/// Closes the connection a request came on, without an answer.
+#[derive(Clone)]
+struct HangUp(Arc<tokio::sync::Notify>);
+
+/// How long, once stopping, open connections get to finish the request in hand.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// What `GET /admin/stats` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -100,6 +206,17 @@ pub struct StoredReading {
     pub value: f64,
 }
 
+/// A batch as stored.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct StoredBatch {
+    /// Its idempotency key (the batch id).
+    pub batch_id: String,
+    /// How many readings it held.
+    pub reading_count: i64,
+    /// The `Content-Type` it came with.
+    pub content_type: String,
+}
+
 struct AppState {
     options: Options,
     db: DatabaseConnection,
@@ -108,6 +225,8 @@ struct AppState {
     remote_config: Mutex<Option<serde_json::Value>>,
     duplicates: Mutex<u64>,
     heartbeats: Mutex<Vec<serde_json::Value>>,
+    chaos: Mutex<Option<ChaosState>>,
+    chaos_drawn: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A running server.
@@ -142,6 +261,12 @@ impl Server {
         ] {
             db.execute_unprepared(sql).await?;
         }
+        // Files made before batches recorded their content type.
+        let _ = db
+            .execute_unprepared(
+                "ALTER TABLE batches ADD COLUMN content_type TEXT NOT NULL DEFAULT ''",
+            )
+            .await;
         let state = Arc::new(AppState {
             options,
             db,
@@ -150,6 +275,8 @@ impl Server {
             remote_config: Mutex::default(),
             duplicates: Mutex::default(),
             heartbeats: Mutex::default(),
+            chaos: Mutex::default(),
+            chaos_drawn: Mutex::default(),
         });
         let app = axum::Router::new()
             .route("/api/auth", post(auth))
@@ -162,21 +289,17 @@ impl Server {
             )
             .route("/admin/stats", get(admin_stats))
             .route("/admin/readings", get(admin_readings))
+            .route("/admin/batches", get(admin_batches))
             .route("/admin/faults", post(admin_faults))
             .route("/admin/config", put(admin_config))
+            .route("/admin/chaos", put(admin_chaos).get(admin_chaos_drawn))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let task = tokio::spawn(serve(listener, app, stopped));
         Ok(Self {
             addr,
             state,
@@ -200,9 +323,19 @@ impl Server {
         stored_readings(&self.state).await
     }
 
+    /// Every batch stored, in the order stored.
+    pub async fn stored_batches(&self) -> Result<Vec<StoredBatch>> {
+        stored_batches(&self.state).await
+    }
+
     /// Every heartbeat received, oldest first, as sent.
     pub fn heartbeats(&self) -> Vec<serde_json::Value> {
         lock(&self.state.heartbeats).clone()
+    }
+
+    /// Sets the remote configuration `GET /api/config` serves.
+    pub fn set_remote_config(&self, version: &str, config: serde_json::Value) {
+        *lock(&self.state.remote_config) = Some(json!({ "version": version, "config": config }));
     }
 
     /// Queues failures for the next batch uploads.
@@ -210,11 +343,69 @@ impl Server {
         lock(&self.state.faults).extend(faults);
     }
 
+    /// Draws random faults for the uploads from now on (see [`Chaos`]); `None` stops.
+    pub fn set_chaos(&self, chaos: Option<Chaos>) {
+        set_chaos(&self.state, chaos);
+    }
+
+    /// How many faults of each kind [`Chaos`] has drawn.
+    pub fn chaos_drawn(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.state.chaos_drawn).clone()
+    }
+
     /// Stops the server and waits for it.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
+}
+
+/// Serves HTTP/1.1 connections until `stopped`, then closes them all (each may finish
+/// the request in hand within [`STOP_GRACE`]). Each request carries a [`HangUp`] for
+/// its connection, which is how the `hang_up` fault closes it without answering.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
+    let (closing, _) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stopped);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            _ = &mut stopped => break,
+        };
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let service = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(HangUp(Arc::clone(&hang_up)))),
+        );
+        let mut closing = closing.subscribe();
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                // Dropping the connection closes the socket, the request unanswered.
+                _ = hang_up.notified() => {}
+                _ = closing.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_GRACE, connection).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -277,30 +468,64 @@ const INSERT_CHUNK: usize = 3000;
 
 async fn upload(
     State(state): State<Arc<AppState>>,
+    axum::Extension(hang_up): axum::Extension<HangUp>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let fault = lock(&state.faults).pop_front();
-    let hold = match fault {
-        Some(Fault {
-            store: true,
-            delay_ms,
-            ..
-        }) => delay_ms,
-        Some(fault) => return answer_with(fault).await,
-        None => None,
+    let fault = lock(&state.faults).pop_front().or_else(|| {
+        let (kind, fault) = lock(&state.chaos).as_mut()?.draw()?;
+        *lock(&state.chaos_drawn).entry(kind).or_default() += 1;
+        Some(fault)
+    });
+    let Some(fault) = fault else {
+        return store_upload(&state, &headers, &body).await;
     };
+    let hold = || async {
+        if let Some(ms) = fault.delay_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    };
+    if !fault.store && !fault.truncate {
+        hold().await;
+        if fault.hang_up {
+            hang_up.0.notify_one();
+            return std::future::pending().await;
+        }
+        return answer_with(&fault);
+    }
     let response = store_upload(&state, &headers, &body).await;
-    if let Some(ms) = hold {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    hold().await;
+    if fault.hang_up {
+        hang_up.0.notify_one();
+        return std::future::pending().await;
+    }
+    if fault.truncate {
+        return truncated(response).await;
     }
     response
 }
 
-async fn answer_with(fault: Fault) -> Response {
-    if let Some(ms) = fault.delay_ms {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+/// `response` with only the first half of its body sent: the connection is then
+/// aborted, short of the `Content-Length` announced.
+async fn truncated(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let full = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let half = full.slice(..full.len() / 2);
+    parts.headers.insert(
+        axum::http::header::CONTENT_LENGTH,
+        axum::http::HeaderValue::from(full.len().max(1)),
+    );
+    let chunks: [Result<axum::body::Bytes, std::io::Error>; 2] =
+        [Ok(half), Err(std::io::Error::other("truncated on purpose"))];
+    Response::from_parts(
+        parts,
+        axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+}
+
+fn answer_with(fault: &Fault) -> Response {
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = error(status, "injected fault");
     if let Some(value) = fault.retry_after.and_then(|s| s.to_string().parse().ok()) {
@@ -327,7 +552,11 @@ async fn store_upload(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
         Ok(batch) => batch,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid batch: {e}")),
     };
-    match store_batch(state, &key, batch).await {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match store_batch(state, &key, content_type, batch).await {
         Ok(Some(count)) => Json(json!({ "accepted": count, "duplicate": false })).into_response(),
         Ok(None) => {
             *lock(&state.duplicates) += 1;
@@ -338,13 +567,23 @@ async fn store_upload(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
 }
 
 /// Stores a batch unless its key is known; the number stored, or none for a duplicate.
-async fn store_batch(state: &AppState, key: &str, batch: Batch) -> Result<Option<usize>> {
+async fn store_batch(
+    state: &AppState,
+    key: &str,
+    content_type: &str,
+    batch: Batch,
+) -> Result<Option<usize>> {
     let txn = state.db.begin().await?;
     let inserted = txn
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Sqlite,
-            "INSERT OR IGNORE INTO batches (idempotency_key, site_id, reading_count) VALUES (?, ?, ?)",
-            [key.into(), batch.site_id.clone().into(), (batch.readings.len() as i64).into()],
+            "INSERT OR IGNORE INTO batches (idempotency_key, site_id, reading_count, content_type) VALUES (?, ?, ?, ?)",
+            [
+                key.into(),
+                batch.site_id.clone().into(),
+                (batch.readings.len() as i64).into(),
+                content_type.into(),
+            ],
         ))
         .await?;
     if inserted.rows_affected() == 0 {
@@ -473,10 +712,55 @@ async fn admin_faults(
     Json(json!({ "queued": count })).into_response()
 }
 
+fn set_chaos(state: &AppState, chaos: Option<Chaos>) {
+    *lock(&state.chaos) = chaos.map(|chaos| ChaosState {
+        chaos,
+        rng: fastrand::Rng::with_seed(chaos.seed),
+    });
+}
+
+async fn admin_chaos(
+    State(state): State<Arc<AppState>>,
+    Json(chaos): Json<Option<Chaos>>,
+) -> Response {
+    set_chaos(&state, chaos);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_chaos_drawn(State(state): State<Arc<AppState>>) -> Response {
+    Json(lock(&state.chaos_drawn).clone()).into_response()
+}
+
 async fn admin_config(
     State(state): State<Arc<AppState>>,
     Json(config): Json<serde_json::Value>,
 ) -> Response {
     *lock(&state.remote_config) = Some(config);
     StatusCode::NO_CONTENT.into_response()
+}
+
+async fn stored_batches(state: &AppState) -> Result<Vec<StoredBatch>> {
+    let rows = state
+        .db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT idempotency_key, reading_count, content_type FROM batches ORDER BY rowid",
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(StoredBatch {
+                batch_id: row.try_get("", "idempotency_key")?,
+                reading_count: row.try_get("", "reading_count")?,
+                content_type: row.try_get("", "content_type")?,
+            })
+        })
+        .collect()
+}
+
+async fn admin_batches(State(state): State<Arc<AppState>>) -> Response {
+    match stored_batches(&state).await {
+        Ok(batches) => Json(batches).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -34,8 +35,8 @@ pub struct PluginContext {
     pub api_key: Option<Secret>,
     /// The HTTP client requests go through.
     pub http: reqwest::Client,
-    /// Deadline of one request.
-    pub request_timeout: Duration,
+    /// Deadline of one request, in ms (a remote configuration may change it).
+    request_timeout_ms: AtomicU64,
 }
 
 impl PluginContext {
@@ -64,8 +65,19 @@ impl PluginContext {
             settings,
             api_key,
             http,
-            request_timeout,
+            request_timeout_ms: AtomicU64::new(request_timeout.as_millis() as u64),
         })
+    }
+
+    /// Deadline of one request.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Changes the deadline of the requests made from now on.
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        self.request_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Resolves a plugin's request URL, refusing anything outside `base_url`.
@@ -191,7 +203,7 @@ async fn send(
     let mut builder = context
         .http
         .request(method, url)
-        .timeout(context.request_timeout)
+        .timeout(context.request_timeout())
         .body(req.body);
     for (name, value) in req.headers {
         builder = builder.header(name, value);

@@ -1,6 +1,7 @@
 //! WebAssembly plugins: the bindings of the WIT package, the host imports, and the
 //! engine that loads, checks and calls components within their limits.
 pub mod bindings;
+pub mod cache;
 pub mod host;
 pub mod runtime;
 

@@ -1,15 +1,16 @@
 //! The engine: compiling components, checking them, instantiating them, and calling
 //! them within a deadline and a memory limit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::component::{HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 
 use super::bindings::{Encoder, EncoderPre, Transport, TransportPre, UploadOutcome, types};
+use super::cache::{self, Compiled, Origin};
 use super::host::{HttpTally, PluginContext, PluginState};
 
 /// WIT package versions this host accepts from `describe`.
@@ -42,6 +43,8 @@ pub enum CallError {
 pub struct PluginEngine {
     engine: Engine,
     linker: Arc<Linker<PluginState>>,
+    /// Where compiled components are kept, if anywhere.
+    cache_dir: Option<Arc<PathBuf>>,
 }
 
 impl PluginEngine {
@@ -73,22 +76,49 @@ impl PluginEngine {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            cache_dir: None,
         })
     }
 
-    /// Compiles a component, on a blocking thread (compilation is CPU work).
-    pub async fn compile(&self, path: &Path) -> Result<Component> {
+    /// Keeps compiled components in `dir` (see [`cache`]).
+    pub fn with_cache_dir(mut self, dir: PathBuf) -> Self {
+        self.cache_dir = Some(Arc::new(dir));
+        self
+    }
+
+    /// Compiles a component, or loads it from the cache, on a blocking thread
+    /// (compilation is CPU work).
+    pub async fn compile(&self, path: &Path) -> Result<Compiled> {
         let bytes = tokio::fs::read(path)
             .await
             .with_context(|| format!("cannot read plugin {}", path.display()))?;
         let engine = self.engine.clone();
-        let display = path.display().to_string();
+        let cache_dir = self.cache_dir.clone();
+        let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            Component::new(&engine, &bytes)
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("{display} is not a valid WebAssembly component"))
+            cache::compile(
+                &engine,
+                cache_dir.as_deref().map(PathBuf::as_path),
+                &path,
+                &bytes,
+            )
         })
         .await?
+    }
+
+    /// The names a component imports and exports, e.g. `sync:plugin/http@0.1.0`.
+    pub async fn interface(&self, path: &Path) -> Result<(Vec<String>, Vec<String>)> {
+        let compiled = self.compile(path).await?;
+        let ty = compiled.component.component_type();
+        let imports = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let exports = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        Ok((imports, exports))
     }
 
     /// Loads an encoder: compiles it, checks its world and its `describe`.
@@ -110,7 +140,11 @@ impl PluginEngine {
     }
 
     async fn load<W: World>(&self, path: &Path, context: Arc<PluginContext>) -> Result<Plugin<W>> {
-        let component = self.compile(path).await?;
+        let Compiled {
+            component,
+            sha256,
+            origin,
+        } = self.compile(path).await?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -127,9 +161,12 @@ impl PluginEngine {
         let mut plugin: Plugin<W> = Plugin {
             engine: self.engine.clone(),
             pre,
-            deadline: W::default_deadline(&context),
+            deadline: None,
             context,
             info: placeholder_info(path),
+            path: path.to_owned(),
+            sha256,
+            origin,
             instance: None,
             last_tally: HttpTally::default(),
         };
@@ -267,7 +304,7 @@ impl World for Transport {
     /// A transport call may make a few requests (authenticate, then upload), each
     /// bounded by `request_timeout`.
     fn default_deadline(context: &PluginContext) -> Duration {
-        context.request_timeout * 3 + Duration::from_secs(5)
+        context.request_timeout() * 3 + Duration::from_secs(5)
     }
 }
 
@@ -277,8 +314,12 @@ pub struct Plugin<W: World> {
     engine: Engine,
     pre: W::Pre,
     context: Arc<PluginContext>,
-    deadline: Duration,
+    /// A deadline set for every call, instead of the world's default.
+    deadline: Option<Duration>,
     info: types::PluginInfo,
+    path: PathBuf,
+    sha256: String,
+    origin: Origin,
     instance: Option<(Store<PluginState>, W)>,
     last_tally: HttpTally,
 }
@@ -294,9 +335,30 @@ impl<W: World> Plugin<W> {
         &self.info
     }
 
-    /// Sets the deadline of each call.
+    /// The component file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// SHA-256 of the component file, in hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Whether it was compiled on loading or came from the cache.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// What the plugin may know and reach.
+    pub fn context(&self) -> &PluginContext {
+        &self.context
+    }
+
+    /// Sets the deadline of each call, instead of the world's default (which, for a
+    /// transport, follows the request timeout).
     pub fn set_deadline(&mut self, deadline: Duration) {
-        self.deadline = deadline;
+        self.deadline = Some(deadline);
     }
 
     /// Runs one call within the deadline, on the kept instance or a new one; a call
@@ -305,7 +367,9 @@ impl<W: World> Plugin<W> {
         &mut self,
         call: impl AsyncFnOnce(&W, &mut Store<PluginState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        let deadline = self.deadline;
+        let deadline = self
+            .deadline
+            .unwrap_or_else(|| W::default_deadline(&self.context));
         if self.instance.is_none() {
             let mut store = new_store(&self.engine, &self.context, &self.info.name);
             let pre = &self.pre;

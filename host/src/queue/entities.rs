@@ -165,3 +165,29 @@ pub mod sync_log {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// `remote_configs`: the last good remote configuration of each Client System.
+pub mod remote_config {
+    use sea_orm::entity::prelude::*;
+
+    /// One Client System's remote configuration.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "remote_configs")]
+    pub struct Model {
+        /// The Client System's name.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub client_system: String,
+        /// The version label the Client System gave it.
+        pub version: String,
+        /// The settings, a JSON object.
+        pub body: String,
+        /// When it was downloaded, milliseconds since the Unix epoch.
+        pub fetched_at_ms: i64,
+    }
+
+    /// No relations.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

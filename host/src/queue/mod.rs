@@ -25,7 +25,8 @@ use syncd_migrations::{Migrator, MigratorTrait};
 use crate::config::Durability;
 use crate::reading::{NewReading, attributes_from_json, attributes_to_json};
 pub use entities::batch::Model as Batch;
-use entities::{batch, client_system, dead_letter, reading, sync_log};
+pub use entities::remote_config::Model as StoredRemoteConfig;
+use entities::{batch, client_system, dead_letter, reading, remote_config, sync_log};
 
 /// Rows per INSERT statement when enqueueing (SQLite allows 32766 bound values; a
 /// reading binds 7).
@@ -196,7 +197,10 @@ impl Queue {
             options
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut options = ConnectOptions::new(url.to_owned());
-            options.max_connections(POSTGRES_POOL);
+            options
+                .max_connections(POSTGRES_POOL)
+                .connect_timeout(POSTGRES_CONNECT_TIMEOUT)
+                .acquire_timeout(POSTGRES_CONNECT_TIMEOUT);
             options
         } else {
             anyhow::bail!(
@@ -264,6 +268,23 @@ impl Queue {
     /// delivered); one added to a queue already in use starts after the readings
     /// queued so far.
     pub async fn register_client_systems(&self, names: &[String]) -> Result<()> {
+        // Processes starting together on a new SQLite file (the daemon and `syncd
+        // enqueue`) may both read, then both want to write: SQLite refuses the second
+        // at once ("database is locked", not covered by the busy timeout) and the whole
+        // registration is tried again, reading what the first wrote.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.register_once(names).await {
+                Err(error) if tries < 5 && format!("{error:#}").contains("database is locked") => {
+                    tokio::time::sleep(Duration::from_millis(50) * tries).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn register_once(&self, names: &[String]) -> Result<()> {
         let txn = self.db.begin().await?;
         let known = client_system::Entity::find().all(&txn).await?;
         let start_after = if known.is_empty() {
@@ -287,6 +308,39 @@ impl Queue {
         }
         txn.commit().await?;
         Ok(())
+    }
+
+    /// The Client Systems the queue keeps readings for.
+    pub async fn client_systems(&self) -> Result<Vec<String>> {
+        Ok(client_system::Entity::find()
+            .order_by_asc(client_system::Column::Name)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| row.name)
+            .collect())
+    }
+
+    /// Stops keeping readings for a Client System that is no longer configured: its
+    /// progress, its batches not yet acknowledged and its remote configuration go (its
+    /// dead letters stay until purged), and the readings only it still needed are
+    /// deleted. Returns how many readings it had not received.
+    pub async fn forget_client_system(&self, name: &str) -> Result<u64> {
+        let undelivered = self.queued_for(name).await?;
+        let txn = self.db.begin().await?;
+        batch::Entity::delete_many()
+            .filter(batch::Column::ClientSystem.eq(name))
+            .exec(&txn)
+            .await?;
+        client_system::Entity::delete_by_id(name.to_owned())
+            .exec(&txn)
+            .await?;
+        remote_config::Entity::delete_by_id(name.to_owned())
+            .exec(&txn)
+            .await?;
+        prune(&txn).await?;
+        txn.commit().await?;
+        Ok(undelivered)
     }
 
     /// The oldest batch recorded for a Client System and not yet acknowledged.
@@ -354,18 +408,13 @@ impl Queue {
 
     /// The batch was delivered: forgets it, logs the attempt, and deletes the readings
     /// that no Client System in `client_systems` (the configured ones) still needs.
-    pub async fn acknowledge(
-        &self,
-        batch: &Batch,
-        attempt: Attempt,
-        client_systems: &[String],
-    ) -> Result<u64> {
+    pub async fn acknowledge(&self, batch: &Batch, attempt: Attempt) -> Result<u64> {
         let txn = self.db.begin().await?;
         batch::Entity::delete_by_id(batch.id.clone())
             .exec(&txn)
             .await?;
         log_attempt(&txn, attempt).await?;
-        let pruned = prune(&txn, client_systems).await?;
+        let pruned = prune(&txn).await?;
         txn.commit().await?;
         Ok(pruned)
     }
@@ -469,9 +518,19 @@ impl Queue {
 
     /// Moves dead letters back into the queue of batches (`id`, or all when none), to
     /// be sent again under the same batch ids with fresh retries. Returns how many.
+    /// Dead letters of a Client System no longer configured stay where they are: there
+    /// is no one to send them to.
     pub async fn requeue_dead_letters(&self, id: Option<&str>) -> Result<u64> {
+        use sea_orm::sea_query::Query;
         let txn = self.db.begin().await?;
-        let mut find = dead_letter::Entity::find();
+        let mut find = dead_letter::Entity::find().filter(
+            dead_letter::Column::ClientSystem.in_subquery(
+                Query::select()
+                    .column(client_system::Column::Name)
+                    .from(client_system::Entity)
+                    .to_owned(),
+            ),
+        );
         if let Some(id) = id {
             find = find.filter(dead_letter::Column::Id.eq(id));
         }
@@ -500,19 +559,15 @@ impl Queue {
     }
 
     /// Deletes dead letters (`id`, or all when none) and the readings no Client System
-    /// in `client_systems` needs any more. Returns how many dead letters.
-    pub async fn purge_dead_letters(
-        &self,
-        id: Option<&str>,
-        client_systems: &[String],
-    ) -> Result<u64> {
+    /// needs any more. Returns how many dead letters.
+    pub async fn purge_dead_letters(&self, id: Option<&str>) -> Result<u64> {
         let txn = self.db.begin().await?;
         let mut delete = dead_letter::Entity::delete_many();
         if let Some(id) = id {
             delete = delete.filter(dead_letter::Column::Id.eq(id));
         }
         let purged = delete.exec(&txn).await?.rows_affected;
-        prune(&txn, client_systems).await?;
+        prune(&txn).await?;
         txn.commit().await?;
         Ok(purged)
     }
@@ -589,7 +644,50 @@ impl Queue {
             .all(&self.db)
             .await?)
     }
+
+    /// The last good remote configuration kept for a Client System.
+    pub async fn remote_config(&self, client_system: &str) -> Result<Option<StoredRemoteConfig>> {
+        Ok(remote_config::Entity::find_by_id(client_system.to_owned())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Keeps a Client System's remote configuration, replacing the one kept before.
+    pub async fn save_remote_config(&self, config: &StoredRemoteConfig) -> Result<()> {
+        use sea_orm::sea_query::OnConflict;
+        let row = remote_config::ActiveModel {
+            client_system: Set(config.client_system.clone()),
+            version: Set(config.version.clone()),
+            body: Set(config.body.clone()),
+            fetched_at_ms: Set(config.fetched_at_ms),
+        };
+        remote_config::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(remote_config::Column::ClientSystem)
+                    .update_columns([
+                        remote_config::Column::Version,
+                        remote_config::Column::Body,
+                        remote_config::Column::FetchedAtMs,
+                    ])
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a Client System's remote configuration (it says it has none).
+    pub async fn forget_remote_config(&self, client_system: &str) -> Result<()> {
+        remote_config::Entity::delete_by_id(client_system.to_owned())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
 }
+
+/// How long opening a PostgreSQL queue may wait for the server before it says why it
+/// cannot (a wrong address or a server that is down should not look like a hang).
+const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects and brings the schema up to date. Two processes opening a new database at
 /// the same moment (the daemon and `syncd enqueue`, say) race: on SQLite, switching a
@@ -598,22 +696,28 @@ impl Queue {
 async fn connect_and_migrate(options: ConnectOptions) -> Result<DatabaseConnection> {
     const TRIES: u32 = 5;
     let mut tries = 0;
+    // A PostgreSQL server that does not answer has been waited for already
+    // (`POSTGRES_CONNECT_TIMEOUT`): only racing migrations are worth another try there.
+    let sqlite = options.get_url().starts_with("sqlite:");
     loop {
         tries += 1;
         let attempt = async {
-            let db = Database::connect(options.clone()).await?;
+            let db = Database::connect(options.clone())
+                .await
+                .map_err(|e| (sqlite, anyhow::Error::from(e)))?;
             Migrator::up(&db, None)
                 .await
-                .context("failed to bring the database schema up to date")?;
-            anyhow::Ok(db)
+                .context("failed to bring the database schema up to date")
+                .map_err(|e| (true, e))?;
+            Ok::<_, (bool, anyhow::Error)>(db)
         };
         match attempt.await {
             Ok(db) => return Ok(db),
-            Err(error) if tries < TRIES => {
+            Err((true, error)) if tries < TRIES => {
                 tracing::debug!("opening raced another process, trying again: {error:#}");
                 tokio::time::sleep(Duration::from_millis(200) * tries).await;
             }
-            Err(error) => return Err(error),
+            Err((_, error)) => return Err(error),
         }
     }
 }
@@ -674,11 +778,10 @@ async fn log_attempt(txn: &DatabaseTransaction, a: Attempt) -> Result<()> {
 }
 
 /// Deletes every reading no Client System still needs; returns how many.
-async fn prune(txn: &DatabaseTransaction, client_systems: &[String]) -> Result<u64> {
+async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
     let batched: Option<i64> = client_system::Entity::find()
         .select_only()
         .column_as(client_system::Column::BatchedThrough.min(), "m")
-        .filter(client_system::Column::Name.is_in(client_systems.iter().map(String::as_str)))
         .into_tuple()
         .one(txn)
         .await?

@@ -3,6 +3,7 @@
 //! Systems on loopback.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use client_system::{Options, Server};
 use sea_orm::ConnectionTrait;
+use syncd::clock::Clock;
 use syncd::config::Config;
+use syncd::daemon::Runtime;
 use syncd::queue::Queue;
 use syncd::reading::NewReading;
 use tempfile::TempDir;
@@ -135,12 +138,7 @@ impl Site {
                 server: None,
             };
             endpoint.start().await;
-            text.push_str(&format!(
-                "[[client_system]]\nname = \"{name}\"\nbase_url = \"{base}\"\napi_key = \"{API_KEY}\"\nencoder = \"{encoder}\"\ntransport = \"{transport}\"\n{extra}\n",
-                base = endpoint.base_url(),
-                encoder = plugin("json_batch").display(),
-                transport = plugin("meterit_http").display(),
-            ));
+            text.push_str(&client_table(name, &endpoint.base_url(), extra));
             endpoints.push(endpoint);
         }
         let path = dir.path().join("sync.toml");
@@ -152,6 +150,51 @@ impl Site {
             endpoints,
             backend,
         }
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sync.toml")
+    }
+
+    /// Copies the built plugin `name` into the site's folder as `file`, and points
+    /// every Client System that used it there (the config file is rewritten). Returns
+    /// the copy's path.
+    pub fn use_plugin_copy(&mut self, name: &str, file: &str) -> PathBuf {
+        let copy = self.dir.path().join(file);
+        std::fs::copy(plugin(name), &copy).expect("plugin copied");
+        let text = std::fs::read_to_string(self.config_path()).expect("config read");
+        let text = text.replace(
+            &plugin(name).display().to_string(),
+            &copy.display().to_string(),
+        );
+        std::fs::write(self.config_path(), text).expect("config written");
+        self.config = Config::load(&self.config_path()).expect("config is valid");
+        copy
+    }
+
+    /// Starts one more reference Client System; returns the `[[client_system]]` table
+    /// (with `extra` appended) that delivers to it.
+    pub async fn add_endpoint(&mut self, name: &str, extra: &str) -> String {
+        let mut endpoint = Endpoint {
+            name: name.to_owned(),
+            addr: free_addr(),
+            database: self.dir.path().join(format!("client-system-{name}.db")),
+            server: None,
+        };
+        endpoint.start().await;
+        let table = client_table(name, &endpoint.base_url(), extra);
+        self.endpoints.push(endpoint);
+        table
+    }
+
+    /// The reference Client System named `name`.
+    pub fn endpoint(&self, name: &str) -> &Server {
+        self.endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .expect("a Client System of that name")
+            .server()
     }
 
     /// The first Client System.
@@ -180,13 +223,94 @@ impl Site {
 
     /// Starts the daemon; stop it with [`Daemon::stop`].
     pub fn start(&self) -> Daemon {
+        self.start_in(Runtime::default())
+    }
+
+    /// Starts the daemon on `clock`.
+    pub fn start_with_clock(&self, clock: Clock) -> Daemon {
+        self.start_in(Runtime {
+            clock,
+            ..Runtime::default()
+        })
+    }
+
+    /// Starts the daemon in `runtime`.
+    pub fn start_in(&self, runtime: Runtime) -> Daemon {
         let (stop, stopped) = oneshot::channel::<()>();
         let config = self.config.clone();
-        let task = tokio::spawn(syncd::daemon::run(config, async move {
+        let task = tokio::spawn(syncd::daemon::run_with(config, runtime, async move {
             let _ = stopped.await;
         }));
         Daemon { stop, task }
     }
+
+    /// Posts `n` readings, numbered from `first`, to the daemon's ingest API.
+    pub async fn post_readings(&self, first: usize, n: usize) {
+        let body: Vec<_> = (first..first + n)
+            .map(|i| {
+                serde_json::json!({
+                    "meter_id": format!("meter-{}", i % 7),
+                    "timestamp": 1_790_000_000_000_i64 + i as i64,
+                    "value": i as f64,
+                })
+            })
+            .collect();
+        let response = syncd::daemon::http_client()
+            .expect("an HTTP client")
+            .post(format!("{}/v1/readings", self.api()))
+            .json(&body)
+            .send()
+            .await
+            .expect("the daemon answers");
+        assert!(
+            response.status().is_success(),
+            "ingest: {}",
+            response.status()
+        );
+    }
+
+    /// Asks the daemon to sync now (`POST /v1/sync`).
+    pub async fn sync_now(&self) {
+        let response = syncd::daemon::http_client()
+            .expect("an HTTP client")
+            .post(format!("{}/v1/sync", self.api()))
+            .send()
+            .await
+            .expect("the daemon answers");
+        assert!(response.status().is_success());
+    }
+
+    /// The daemon's `GET /v1/status` answer for the first Client System.
+    pub async fn status(&self) -> serde_json::Value {
+        let name = self.endpoints[0].name.clone();
+        self.status_of(&name).await
+    }
+
+    /// The daemon's `GET /v1/status` answer for one Client System (null while the
+    /// daemon does not answer).
+    pub async fn status_of(&self, client_system: &str) -> serde_json::Value {
+        let http = syncd::daemon::http_client().expect("an HTTP client");
+        let Ok(response) = http.get(format!("{}/v1/status", self.api())).send().await else {
+            return serde_json::Value::Null;
+        };
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        body["client_systems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|cs| cs["client_system"] == client_system)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A `[[client_system]]` table delivering to `base_url` with the built plugins.
+pub fn client_table(name: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "[[client_system]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\napi_key = \"{API_KEY}\"\nencoder = \"{encoder}\"\ntransport = \"{transport}\"\n{extra}\n",
+        encoder = plugin("json_batch").display(),
+        transport = plugin("meterit_http").display(),
+    )
 }
 
 /// Drops and creates `syncd_test_<test>` on the test server; returns its URL.
@@ -220,6 +344,22 @@ impl Daemon {
             .expect("daemon task joins")
             .expect("daemon ran without error");
     }
+}
+
+/// How many times a Client System stored each reading id.
+pub fn times_stored(stored: &[client_system::StoredReading]) -> BTreeMap<i64, usize> {
+    let mut seen = BTreeMap::new();
+    for r in stored {
+        *seen.entry(r.id).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Asserts that `server` stored `expected` distinct readings, none of them twice.
+pub async fn assert_each_once(server: &Server, expected: usize) {
+    let seen = times_stored(&server.stored_readings().await.expect("stored readings"));
+    assert_eq!(seen.len(), expected, "distinct readings stored");
+    assert!(seen.values().all(|&n| n == 1), "a reading was stored twice");
 }
 
 /// `n` distinct readings.

@@ -4,7 +4,11 @@
 //!
 //! - `spin`: never returns (an endless loop);
 //! - `trap`: panics (a trap, with `panic = "abort"`);
-//! - `grow`: allocates until the memory limit stops it.
+//! - `grow`: allocates until the memory limit stops it;
+//! - `huge`: returns a body of 80 MiB;
+//! - `miscount`: says it encoded a thousand readings more than it was given;
+//! - `bad-content-type`: returns a content type that would inject a header;
+//! - `invalid-utf8`: refuses the batch with a reason that is not UTF-8.
 
 wit_bindgen::generate!({
     world: "encoder",
@@ -39,6 +43,26 @@ impl Guest for Hostile {
                     hoard.push(vec![1u8; 1 << 20]);
                     std::hint::black_box(&hoard);
                 }
+            }
+            Some("huge") => Ok(EncodedBatch {
+                content_type: "application/octet-stream".into(),
+                body: vec![b'x'; 80 << 20],
+                reading_count: readings.len() as u32,
+            }),
+            Some("miscount") => Ok(EncodedBatch {
+                content_type: "application/json".into(),
+                body: b"[]".to_vec(),
+                reading_count: readings.len() as u32 + 1000,
+            }),
+            Some("bad-content-type") => Ok(EncodedBatch {
+                content_type: "application/json\r\nX-Injected: yes".into(),
+                body: b"[]".to_vec(),
+                reading_count: readings.len() as u32,
+            }),
+            Some("invalid-utf8") => {
+                let bytes = vec![b'b', b'a', b'd', 0xff, 0xfe];
+                // SAFETY: deliberately not UTF-8: the host must refuse to lift it.
+                Err(unsafe { String::from_utf8_unchecked(bytes) })
             }
             _ => Err(format!(
                 "behaviour not set; refusing {} readings",
