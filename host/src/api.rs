@@ -374,6 +374,7 @@ async fn metrics(Extract(state): Extract<State>) -> axum::response::Response {
             "unreachable",
             "unauthorized",
             "rejected",
+            "plugin_failed",
         ] {
             out.counter(
                 "syncd_attempts_total",

@@ -17,6 +17,10 @@ pub fn http_client() -> Result<reqwest::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .user_agent(concat!("syncd/", env!("CARGO_PKG_VERSION")))
+        // Plugins send through this client, and may only reach their Client System's
+        // base URL: a redirect elsewhere is handed to the plugin as the 3xx it is,
+        // never followed.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("failed to build the HTTP client")
 }

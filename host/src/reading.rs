@@ -71,6 +71,28 @@ enum Timestamp {
 const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
 /// Latest accepted timestamp: 2100-01-01T00:00:00Z.
 const MAX_TIMESTAMP_MS: i64 = 4_102_444_800_000;
+/// The longest `meter_id`, `channel`, `unit`, `quality` or attribute name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// The longest attribute value, in bytes (a JSON value that is not a string counts as
+/// its JSON text).
+pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
+/// The most attributes a reading may carry.
+pub const MAX_ATTRIBUTES: usize = 64;
+
+/// Checks a name-like field: not too long, no control characters (which also keeps
+/// out NUL, that PostgreSQL cannot store).
+fn check_name(field: &str, text: &str) -> Result<(), String> {
+    if text.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "{field} is {} bytes long, over the limit of {MAX_NAME_BYTES}",
+            text.len()
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(format!("{field} holds a control character"));
+    }
+    Ok(())
+}
 
 impl NewReading {
     /// Parses and validates one JSON record; `record` numbers it in errors.
@@ -108,7 +130,17 @@ impl NewReading {
         if !value.is_finite() {
             return Err(invalid(format!("value {value} is not a finite number")));
         }
-        let attributes = wire
+        check_name("meter_id", &meter_id).map_err(invalid)?;
+        check_name("channel", &wire.channel).map_err(invalid)?;
+        check_name("unit", &wire.unit).map_err(invalid)?;
+        check_name("quality", &wire.quality).map_err(invalid)?;
+        if wire.attributes.len() > MAX_ATTRIBUTES {
+            return Err(invalid(format!(
+                "{} attributes, over the limit of {MAX_ATTRIBUTES}",
+                wire.attributes.len()
+            )));
+        }
+        let attributes: Vec<(String, String)> = wire
             .attributes
             .into_iter()
             .map(|(k, v)| match v {
@@ -116,6 +148,20 @@ impl NewReading {
                 other => (k, other.to_string()),
             })
             .collect();
+        for (name, value) in &attributes {
+            check_name("an attribute name", name).map_err(invalid)?;
+            if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                return Err(invalid(format!(
+                    "attribute \"{name}\" is {} bytes long, over the limit of {MAX_ATTRIBUTE_VALUE_BYTES}",
+                    value.len()
+                )));
+            }
+            if value.contains('\0') {
+                return Err(invalid(format!(
+                    "attribute \"{name}\" holds a NUL character"
+                )));
+            }
+        }
         Ok(Self {
             meter_id,
             channel: wire.channel,

@@ -32,7 +32,7 @@ use crate::metrics::WorkerMetrics;
 use crate::plugin::bindings::{UploadOutcome, types};
 use crate::plugin::cache::Origin;
 use crate::plugin::host::HttpTally;
-use crate::plugin::{CallError, EncoderPlugin, TransportPlugin};
+use crate::plugin::{CallError, EncoderPlugin, TransportPlugin, output};
 use crate::queue::{Attempt, Batch, Queue, QueuedReading, StoredRemoteConfig};
 
 /// How long a worker waits before trying again after the database failed it.
@@ -63,6 +63,10 @@ pub enum Verdict {
     Unreachable(String),
     /// Refused for good: dead letters.
     Rejected(String),
+    /// A plugin trapped, overran its deadline or answered nonsense. Not the batch's
+    /// fault: retried with a fresh instance after a backoff that grows with the
+    /// plugin's failures in a row, without using up the batch's retries.
+    PluginFailed(String),
 }
 
 impl Verdict {
@@ -73,6 +77,7 @@ impl Verdict {
             Verdict::Unauthorized(_) => "unauthorized",
             Verdict::Unreachable(_) => "unreachable",
             Verdict::Rejected(_) => "rejected",
+            Verdict::PluginFailed(_) => "plugin_failed",
         }
     }
 
@@ -82,7 +87,8 @@ impl Verdict {
             Verdict::Retry { reason, .. } => Some(reason.clone()),
             Verdict::Unauthorized(reason)
             | Verdict::Unreachable(reason)
-            | Verdict::Rejected(reason) => Some(reason.clone()),
+            | Verdict::Rejected(reason)
+            | Verdict::PluginFailed(reason) => Some(reason.clone()),
         }
     }
 }
@@ -159,6 +165,46 @@ pub struct PluginStatus {
     pub loaded_at_ms: i64,
     /// Whether it was compiled when loaded, or came from the compiled-plugin cache.
     pub origin: Option<Origin>,
+    /// `ok`, or `failed` once [`PLUGIN_FAILED_AFTER`] calls in a row have failed;
+    /// back to `ok` at its next call that succeeds, or when it is replaced.
+    pub health: PluginHealth,
+    /// Calls that failed in a row: trapped, overran the deadline, or answered what the
+    /// host refuses.
+    pub failures_in_a_row: u32,
+    /// The last such failure, while `failures_in_a_row` is not 0.
+    pub last_failure: Option<String>,
+}
+
+/// Whether a plugin in service works; see [`PluginStatus::health`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginHealth {
+    /// Its last call succeeded, or fewer than [`PLUGIN_FAILED_AFTER`] failed in a row.
+    #[default]
+    Ok,
+    /// At least [`PLUGIN_FAILED_AFTER`] calls failed in a row.
+    Failed,
+}
+
+/// Calls of a plugin failing in a row after which status marks it failed.
+pub const PLUGIN_FAILED_AFTER: u32 = 3;
+
+impl PluginStatus {
+    /// Records a call that failed.
+    fn failed(&mut self, failure: String) {
+        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        self.last_failure = Some(failure);
+        if self.failures_in_a_row >= PLUGIN_FAILED_AFTER {
+            self.health = PluginHealth::Failed;
+        }
+    }
+
+    /// Records a call that succeeded.
+    fn succeeded(&mut self) {
+        self.failures_in_a_row = 0;
+        self.last_failure = None;
+        self.health = PluginHealth::Ok;
+    }
 }
 
 impl PluginStatus {
@@ -175,6 +221,7 @@ impl PluginStatus {
             sha256: plugin.sha256().to_owned(),
             loaded_at_ms,
             origin: Some(plugin.origin()),
+            ..Self::default()
         }
     }
 }
@@ -574,7 +621,7 @@ impl Worker {
             }
             Err(error) => {
                 warn!("heartbeat failed: {error}");
-                self.count_plugin_failure("transport", &error);
+                let _ = self.plugin_failure(Which::Transport, error);
                 self.publish(|s| s.metrics.heartbeat_failures += 1);
             }
         }
@@ -723,14 +770,22 @@ impl Worker {
     }
 
     /// Counts a plugin call that trapped or ran past its deadline.
-    fn count_plugin_failure(&self, plugin: &'static str, error: &CallError) {
+    /// A plugin that trapped or overran its deadline: counted, shown in status, and
+    /// the batch kept for a retry with a fresh instance (the failed one was dropped).
+    fn plugin_failure(&self, which: Which, error: CallError) -> Verdict {
+        let reason = format!("{} failed: {error}", which.name());
         self.publish(|s| {
             let counts = match error {
                 CallError::Trap(_) => &mut s.metrics.plugin_traps,
                 CallError::Deadline(_) => &mut s.metrics.plugin_deadlines,
             };
-            *counts.entry(plugin).or_default() += 1;
+            *counts.entry(which.name()).or_default() += 1;
+            match which {
+                Which::Encoder => s.encoder.failed(reason.clone()),
+                Which::Transport => s.transport.failed(reason.clone()),
+            }
         });
+        Verdict::PluginFailed(reason)
     }
 
     /// Applies a change from the supervisor (between batches: the batch in flight, if
@@ -970,6 +1025,19 @@ impl Worker {
                 self.retry_later(&batch, attempt, batch.attempts, pause)
                     .await?;
             }
+            Verdict::PluginFailed(reason) => {
+                let streak = {
+                    let status = self.status.read().unwrap_or_else(|p| p.into_inner());
+                    status
+                        .encoder
+                        .failures_in_a_row
+                        .max(status.transport.failures_in_a_row)
+                };
+                let pause = backoff_delay(&self.policy.backoff, streak, fastrand::f64());
+                warn!(%reason, retry_in = ?pause, "plugin failed, will retry the batch");
+                self.retry_later(&batch, attempt, batch.attempts, pause)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -1015,14 +1083,22 @@ impl Worker {
         let result = self.encoder.encode(&info, &readings).await;
         self.publish(|s| s.metrics.encoder_seconds.observe(started.elapsed()));
         let encoded = match result {
-            Ok(Ok(encoded)) => encoded,
+            Ok(Ok(encoded)) => match output::check_encoded(&encoded, readings.len()) {
+                Ok(()) => {
+                    self.publish(|s| s.encoder.succeeded());
+                    encoded
+                }
+                Err(reason) => {
+                    let reason = format!("encoder answered nonsense: {reason}");
+                    self.publish(|s| s.encoder.failed(reason.clone()));
+                    return Verdict::PluginFailed(reason);
+                }
+            },
             Ok(Err(reason)) => {
+                self.publish(|s| s.encoder.succeeded());
                 return Verdict::Rejected(format!("encoder refused the batch: {reason}"));
             }
-            Err(error) => {
-                self.count_plugin_failure("encoder", &error);
-                return plugin_failure("encoder", error);
-            }
+            Err(error) => return self.plugin_failure(Which::Encoder, error),
         };
         drop(readings);
         match self.upload(&info, &encoded).await {
@@ -1042,7 +1118,7 @@ impl Worker {
                     Ok(Err(reason)) => {
                         Verdict::Unauthorized(format!("authentication failed: {reason}"))
                     }
-                    Err(error) => plugin_failure("transport", error),
+                    Err(error) => self.plugin_failure(Which::Transport, error),
                 }
             }
             other => other,
@@ -1053,21 +1129,23 @@ impl Worker {
         let started = Instant::now();
         let result = self.transport.upload(info, encoded).await;
         self.publish(|s| s.metrics.transport_seconds.observe(started.elapsed()));
-        if let Err(error) = &result {
-            self.count_plugin_failure("transport", error);
-        }
         self.observe_requests();
-        let tally = self.transport.last_tally();
+        if result.is_ok() {
+            self.publish(|s| s.transport.succeeded());
+        }
+        let tally = self.transport.last_tally().clone();
         match result {
             Ok(UploadOutcome::Accepted) => Verdict::Accepted,
-            Ok(UploadOutcome::RetryLater(_)) | Err(_) if tally.unreachable() => unreachable(tally),
+            Ok(UploadOutcome::RetryLater(_)) if tally.unreachable() => unreachable(&tally),
             Ok(UploadOutcome::RetryLater(retry)) => Verdict::Retry {
                 reason: retry.reason,
-                delay: retry.delay_ms.map(Duration::from_millis),
+                delay: output::retry_later_delay(retry.delay_ms),
             },
             Ok(UploadOutcome::Rejected(reason)) => Verdict::Rejected(reason),
             Ok(UploadOutcome::Unauthorized(reason)) => Verdict::Unauthorized(reason),
-            Err(error) => plugin_failure("transport", error),
+            // Cut off while the Client System did not answer: the outage, not the plugin.
+            Err(CallError::Deadline(_)) if tally.unreachable() => unreachable(&tally),
+            Err(error) => self.plugin_failure(Which::Transport, error),
         }
     }
 }
@@ -1081,12 +1159,19 @@ fn unreachable(tally: &HttpTally) -> Verdict {
     )
 }
 
-/// A plugin that trapped or overran its deadline: the batch is kept and retried; the
-/// plugin gets a fresh instance.
-fn plugin_failure(which: &str, error: CallError) -> Verdict {
-    Verdict::Retry {
-        reason: format!("{which} failed: {error}"),
-        delay: None,
+/// Which of a worker's plugins.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Encoder,
+    Transport,
+}
+
+impl Which {
+    fn name(self) -> &'static str {
+        match self {
+            Which::Encoder => "encoder",
+            Which::Transport => "transport",
+        }
     }
 }
 

@@ -18,75 +18,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::stream::{Ingested, assert_exactly_once, stored_seqs, stream_readings};
 use common::{Site, eventually};
-
-/// The first reading's timestamp; a reading's sequence number is its offset from it.
-const EPOCH_MS: i64 = 1_790_000_000_000;
-/// Readings per ingest request.
-const PER_POST: u64 = 25;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// What the stream of ingest requests learnt: each reading's sequence number, by
-/// whether the daemon answered 200 (accepted) or was killed before answering (unknown:
-/// it may or may not have been queued).
-#[derive(Default)]
-struct Ingested {
-    accepted: Vec<u64>,
-    unknown: Vec<u64>,
-}
-
-/// Posts readings to the daemon's API without pause until told to stop, through every
-/// kill and restart.
-fn stream_readings(
-    api: String,
-    ingested: Arc<Mutex<Ingested>>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let http = syncd::daemon::http_client().expect("an HTTP client");
-        let mut next: u64 = 0;
-        while !*stop.borrow() {
-            let seqs: Vec<u64> = (next..next + PER_POST).collect();
-            let body: Vec<_> = seqs
-                .iter()
-                .map(|&seq| {
-                    serde_json::json!({
-                        "meter_id": format!("crash-{}", seq % 16),
-                        "timestamp": EPOCH_MS + seq as i64,
-                        "value": seq as f64,
-                    })
-                })
-                .collect();
-            match http
-                .post(format!("{api}/v1/readings"))
-                .json(&body)
-                .send()
-                .await
-            {
-                Ok(response) if response.status().is_success() => {
-                    ingested.lock().unwrap().accepted.extend(&seqs);
-                    next += PER_POST;
-                }
-                Ok(response) => panic!("ingest refused: {}", response.status()),
-                Err(e) if e.is_connect() => {
-                    // The daemon is down: nothing was sent. Try again shortly.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(_) => {
-                    // Sent, and the daemon died before answering.
-                    ingested.lock().unwrap().unknown.extend(&seqs);
-                    next += PER_POST;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
 }
 
 struct Figures {
@@ -112,7 +51,11 @@ impl Figures {
                 .copied()
                 .unwrap_or_default()
         };
-        println!("crash run (seed {}), {:.1} s", self.seed, self.elapsed.as_secs_f64());
+        println!(
+            "crash run (seed {}), {:.1} s",
+            self.seed,
+            self.elapsed.as_secs_f64()
+        );
         println!("  kills survived:             {}", self.kills);
         println!("  kills during a reload:      {}", self.kills_during_reload);
         println!("  readings accepted:          {}", self.accepted);
@@ -120,7 +63,10 @@ impl Figures {
             "  readings cut off by a kill: {} stored, {} never queued",
             self.unknown_stored, self.unknown_lost
         );
-        println!("  batches re-sent, dropped by the server as duplicates: {}", self.duplicates_resent);
+        println!(
+            "  batches re-sent, dropped by the server as duplicates: {}",
+            self.duplicates_resent
+        );
         println!(
             "  restart to first batch stored: median {} ms, p90 {} ms, max {} ms ({} restarts)",
             pick(0.5),
@@ -274,21 +220,17 @@ async fn crash_run(rounds: usize, seed: u64, chaos_rate: f64) -> Figures {
     .await;
     daemon.terminate();
 
-    // Exactly once, and nothing that was not sent.
-    let stored = stored_seqs(server).await;
-    for seq in &accepted {
-        assert_eq!(stored[seq], 1, "reading {seq} stored {} times", stored[seq]);
-    }
-    for (seq, times) in &stored {
-        assert!(
-            accepted.binary_search(seq).is_ok() || unknown.contains(seq),
-            "reading {seq} stored but never sent"
-        );
-        assert_eq!(*times, 1, "reading {seq} stored {times} times");
-    }
+    let stored = assert_exactly_once(server, &accepted, &unknown).await;
     let queue = site.queue().await;
-    assert_eq!(queue.reading_count().await.unwrap(), 0, "the queue is empty");
-    assert!(queue.dead_letters().await.unwrap().is_empty(), "no dead letters");
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        0,
+        "the queue is empty"
+    );
+    assert!(
+        queue.dead_letters().await.unwrap().is_empty(),
+        "no dead letters"
+    );
 
     figures.accepted = accepted.len();
     figures.unknown_stored = unknown.iter().filter(|s| stored.contains_key(s)).count();
@@ -296,15 +238,6 @@ async fn crash_run(rounds: usize, seed: u64, chaos_rate: f64) -> Figures {
     figures.duplicates_resent = server.stats().await.unwrap().duplicates;
     figures.elapsed = started.elapsed();
     figures
-}
-
-/// How many times the server stored each sequence number.
-async fn stored_seqs(server: &client_system::Server) -> BTreeMap<u64, usize> {
-    let mut seen = BTreeMap::new();
-    for r in server.stored_readings().await.unwrap() {
-        *seen.entry((r.timestamp - EPOCH_MS) as u64).or_insert(0) += 1;
-    }
-    seen
 }
 
 fn seed() -> u64 {

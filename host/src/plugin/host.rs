@@ -237,7 +237,10 @@ async fn send(
 fn classify(error: reqwest::Error) -> http::HttpError {
     if error.is_timeout() {
         http::HttpError::Timeout
-    } else if error.is_connect() {
+    } else if error.is_connect() || error.is_request() || error.is_body() {
+        // Refused, reset, or closed before the answer was complete: the link or the
+        // Client System failed, not the request. (A request the host could not even
+        // build is `is_builder`, and stays `other`.)
         http::HttpError::Connect(error_chain(&error))
     } else {
         http::HttpError::Other(error_chain(&error))

@@ -3,6 +3,7 @@
 pub mod bindings;
 pub mod cache;
 pub mod host;
+pub mod output;
 pub mod runtime;
 
 pub use host::PluginContext;

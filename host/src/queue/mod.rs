@@ -114,6 +114,9 @@ pub struct ClientStats {
     pub unauthorized: u64,
     /// Batches rejected (and dead-lettered).
     pub rejected: u64,
+    /// Attempts cut short by a plugin that failed (trapped, overran its deadline or
+    /// answered nonsense).
+    pub plugin_failures: u64,
     /// Mean duration of an attempt, ms.
     pub mean_attempt_ms: f64,
     /// When a batch was last delivered, ms since the Unix epoch.
@@ -622,6 +625,7 @@ impl Queue {
                 "unreachable" => stats.unreachable += attempts,
                 "unauthorized" => stats.unauthorized += attempts,
                 "rejected" => stats.rejected += attempts,
+                "plugin_failed" => stats.plugin_failures += attempts,
                 _ => {}
             }
         }

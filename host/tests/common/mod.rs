@@ -3,6 +3,8 @@
 //! Systems on loopback.
 #![allow(dead_code)]
 
+pub mod stream;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -27,7 +27,6 @@ const CLIMBS: &[&str] = &[
     "/../admin/stats",
     "%2e%2e/admin/stats",
     "readings/../../admin/stats",
-    "//127.0.0.9/admin/stats",
 ];
 
 struct Hostile;
