@@ -42,6 +42,52 @@ pub enum Error {
     },
 }
 
+/// The largest configuration file read: a real one is a few kilobytes.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+
+/// The longest source line a parse error quotes; past it, only the position is given.
+const MAX_QUOTED_LINE: usize = 200;
+
+/// The line and column (1-based, in characters) just after `before`.
+fn position(before: &[u8]) -> (usize, usize) {
+    let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+    let start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = 1 + String::from_utf8_lossy(&before[start..]).chars().count();
+    (line, column)
+}
+
+/// The TOML parser's message, quoting the offending line unless it is too long to.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    // Control characters of the quoted line would go to the log as they are.
+    let shown: String = e
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if shown.lines().all(|l| l.len() <= MAX_QUOTED_LINE + 20) {
+        return shown.trim_end().replace('\n', "\n  ");
+    }
+    match e.span() {
+        Some(span) => {
+            let (line, column) = position(&text.as_bytes()[..span.start.min(text.len())]);
+            format!(
+                "TOML parse error at line {line}, column {column}: {}",
+                e.message().trim_end()
+            )
+        }
+        None => e.message().trim_end().to_owned(),
+    }
+}
+
 /// Result type of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -463,9 +509,31 @@ pub const MAX_BATCH_SIZE: u32 = 100_000;
 impl Config {
     /// Reads, parses, interpolates and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        let parse_error = |message: String| Error::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
+        })?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(parse_error(format!(
+                "the file is {} bytes, larger than {MAX_CONFIG_BYTES}: is it the right file?",
+                bytes.len()
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let bytes = e.as_bytes();
+            if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+                return parse_error("the file is UTF-16 text: save it as UTF-8".to_owned());
+            }
+            let at = e.utf8_error().valid_up_to();
+            let (line, column) = position(&bytes[..at]);
+            parse_error(format!(
+                "not UTF-8 text: byte 0x{:02x} at line {line}, column {column}; save the file as UTF-8",
+                bytes[at]
+            ))
         })?;
         Self::parse(&text, path, &|name| std::env::var(name).ok())
     }
@@ -475,7 +543,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let mut config: Config = toml::from_str(text).map_err(|e| Error::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', "\n  "),
+            message: describe_toml_error(text, &e),
         })?;
         config.path = path.to_owned();
         config.base_dir = path

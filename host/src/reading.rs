@@ -60,11 +60,35 @@ struct Wire {
     attributes: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Timestamp {
     Millis(i64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Expected;
+        impl serde::de::Visitor<'_> for Expected {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a timestamp: milliseconds since the Unix epoch (an integer) or RFC 3339 text",
+                )
+            }
+            fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<Timestamp, E> {
+                Ok(Timestamp::Millis(ms))
+            }
+            fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<Timestamp, E> {
+                i64::try_from(ms)
+                    .map(Timestamp::Millis)
+                    .map_err(|_| E::custom(format!("timestamp {ms} is too large")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Timestamp, E> {
+                Ok(Timestamp::Text(text.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Expected)
+    }
 }
 
 /// Earliest accepted timestamp: 2000-01-01T00:00:00Z.
@@ -317,7 +341,26 @@ impl CsvColumns {
 pub fn parse_body(body: &[u8]) -> Result<Vec<NewReading>, InvalidReading> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         None => Ok(Vec::new()),
-        Some(b'[') => parse_json_array(body),
+        Some(b'[') => match std::str::from_utf8(body) {
+            Ok(_) => parse_json_array(body),
+            Err(e) => {
+                let before = &body[..e.valid_up_to()];
+                let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+                let column = before.len()
+                    - before
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(0, |i| i + 1)
+                    + 1;
+                Err(InvalidReading {
+                    record: 0,
+                    message: format!(
+                        "not valid UTF-8: byte 0x{:02x} at line {line}, column {column}",
+                        body[e.valid_up_to()]
+                    ),
+                })
+            }
+        },
         Some(_) => {
             let text = std::str::from_utf8(body).map_err(|e| InvalidReading {
                 record: 1 + body[..e.valid_up_to()]
