@@ -23,7 +23,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The file is not valid TOML, or does not match the schema.
-    #[error("{path}: {message}")]
+    #[error("{path}: {}", crate::clip(.message))]
     Parse {
         /// The file.
         path: PathBuf,
@@ -31,7 +31,7 @@ pub enum Error {
         message: String,
     },
     /// A value is present but wrong.
-    #[error("{path}: {key}: {message}")]
+    #[error("{path}: {}: {}", crate::clip(.key), crate::clip(.message))]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -306,13 +306,15 @@ impl Policy {
         let json = &mut serde_json::Deserializer::from_str(body);
         let policy: Policy = serde_path_to_error::deserialize(json).map_err(|e| {
             let key = e.path().to_string();
-            if key == "." {
+            let message = if key == "." {
                 e.inner().to_string()
             } else {
                 format!("{key}: {}", e.inner())
-            }
+            };
+            crate::clip(&message).into_owned()
         })?;
-        check_policy(&policy).map_err(|(key, message)| format!("{key}: {message}"))?;
+        check_policy(&policy)
+            .map_err(|(key, message)| format!("{key}: {}", crate::clip(&message)))?;
         Ok(policy)
     }
 }
@@ -509,33 +511,42 @@ pub const MAX_BATCH_SIZE: u32 = 100_000;
 impl Config {
     /// Reads, parses, interpolates and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
-        let parse_error = |message: String| Error::Parse {
-            path: path.to_owned(),
-            message,
-        };
         let bytes = std::fs::read(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
         })?;
+        Self::from_bytes(&bytes, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses a configuration file's bytes: at most [`MAX_CONFIG_BYTES`], UTF-8 (the
+    /// error says so, and where, when they are not), then as [`Config::parse`].
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let parse_error = |message: String| Error::Parse {
+            path: path.to_owned(),
+            message,
+        };
         if bytes.len() > MAX_CONFIG_BYTES {
             return Err(parse_error(format!(
                 "the file is {} bytes, larger than {MAX_CONFIG_BYTES}: is it the right file?",
                 bytes.len()
             )));
         }
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let bytes = e.as_bytes();
+        let text = std::str::from_utf8(bytes).map_err(|e| {
             if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
                 return parse_error("the file is UTF-16 text: save it as UTF-8".to_owned());
             }
-            let at = e.utf8_error().valid_up_to();
+            let at = e.valid_up_to();
             let (line, column) = position(&bytes[..at]);
             parse_error(format!(
                 "not UTF-8 text: byte 0x{:02x} at line {line}, column {column}; save the file as UTF-8",
                 bytes[at]
             ))
         })?;
-        Self::parse(&text, path, &|name| std::env::var(name).ok())
+        Self::parse(text, path, env)
     }
 
     /// Parses a configuration's text. `path` names it in errors and gives the folder

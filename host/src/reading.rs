@@ -35,7 +35,7 @@ pub struct NewReading {
 
 /// Why a reading was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("record {record}: {message}")]
+#[error("record {record}: {}", crate::clip(.message))]
 pub struct InvalidReading {
     /// 1-based position of the record (the line, in a JSON-lines file); 0 when the
     /// input as a whole is malformed.

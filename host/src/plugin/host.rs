@@ -87,7 +87,7 @@ impl PluginContext {
         } else {
             self.base_url.join(target.trim_start_matches('/'))
         }
-        .map_err(|e| format!("\"{target}\": {e}"))?;
+        .map_err(|e| format!("\"{}\": {e}", crate::clip(target)))?;
         let base = self.base_url.as_str();
         let inside = url.as_str().starts_with(base)
             || url.as_str() == base.trim_end_matches('/')
@@ -99,7 +99,8 @@ impl PluginContext {
             Ok(url)
         } else {
             Err(format!(
-                "{url} is outside the client system's base_url {base}"
+                "{} is outside the client system's base_url {base}",
+                crate::clip(url.as_str())
             ))
         }
     }
