@@ -466,8 +466,16 @@ async fn status(config_path: &Path, json: bool) -> Result<()> {
     for cs in body["client_systems"].as_array().into_iter().flatten() {
         let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
         let plugin = |p: &serde_json::Value| {
+            let health = match p["failures_in_a_row"].as_u64().unwrap_or(0) {
+                0 => String::new(),
+                n => format!(
+                    "; {}, {n} failures in a row, last: {}",
+                    text(&p["health"]).to_uppercase(),
+                    text(&p["last_failure"])
+                ),
+            };
             format!(
-                "{} {} (sha256 {}, {} {})",
+                "{} {} (sha256 {}, {} {}){health}",
                 text(&p["name"]),
                 text(&p["version"]),
                 p["sha256"].as_str().map_or("-", |h| &h[..h.len().min(12)]),

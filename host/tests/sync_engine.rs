@@ -81,15 +81,26 @@ async fn a_hanging_response_is_cut_off_at_the_request_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_connection_is_retried() {
+async fn a_dropped_connection_is_an_outage_not_a_spent_retry() {
     let fault = Fault {
         hang_up: true,
         ..Fault::default()
     };
     let log = deliver_through(FAST_BACKOFF, fault).await;
-    assert_eq!(outcomes(&log), ["retry", "accepted"]);
+    assert_eq!(outcomes(&log), ["unreachable", "accepted"]);
     let error = log[0].error.as_deref().unwrap();
     assert!(error.contains("connection closed"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_answer_is_an_outage_and_the_resent_batch_is_stored_once() {
+    // The Client System stores the batch, then the answer breaks off halfway.
+    let fault = Fault {
+        truncate: true,
+        ..Fault::default()
+    };
+    let log = deliver_through(FAST_BACKOFF, fault).await;
+    assert_eq!(outcomes(&log), ["unreachable", "accepted"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

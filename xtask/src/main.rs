@@ -59,13 +59,17 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <plugins|test|demo|bench>
+const USAGE: &str = "usage: cargo xtask <plugins|test|demo|bench|reliability>
 
   plugins   build every crate under plugins/ into target/plugins/<crate>.wasm
   test      build the plugins, then run every test of the workspace
   demo      run syncd against the reference Client System on loopback
   bench     build in release mode and print the benchmarks' figures
-            (options: --large N readings for the large backlog, --postgres URL)";
+            (options: --large N readings for the large backlog, --postgres URL)
+  reliability
+            the long crash, fault and fuzz runs, in release mode, printing their
+            figures (options: --kills N [200], --chaos RATE [0.3],
+            --fault-seconds N [300], --fuzz-seconds N per target [120], --seed N)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Some("test") => test(&ws, &args[1..]),
         Some("demo") => demo::run(&ws),
         Some("bench") => bench(&ws, &args[1..]),
+        Some("reliability") => reliability(&ws, &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -103,6 +108,70 @@ fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
         ])
         .arg("--")
         .args(extra))
+}
+
+/// The long reliability run: the crash, fault and fuzz tests of the suite, told by
+/// their environment variables to run longer, in release mode, with their figures.
+fn reliability(ws: &Workspace, args: &[String]) -> Result<()> {
+    let mut knobs: Vec<(&str, String)> = vec![
+        ("SYNCD_CRASH_KILLS", "200".into()),
+        ("SYNCD_CRASH_CHAOS", "0.3".into()),
+        ("SYNCD_FAULT_SECONDS", "300".into()),
+        ("SYNCD_FUZZ_SECONDS", "120".into()),
+    ];
+    let mut seed = None;
+    let mut rest = args.iter();
+    while let Some(option) = rest.next() {
+        let value = rest
+            .next()
+            .with_context(|| format!("{option} needs a value"))?
+            .clone();
+        let variable = match option.as_str() {
+            "--kills" => "SYNCD_CRASH_KILLS",
+            "--chaos" => "SYNCD_CRASH_CHAOS",
+            "--fault-seconds" => "SYNCD_FAULT_SECONDS",
+            "--fuzz-seconds" => "SYNCD_FUZZ_SECONDS",
+            "--seed" => {
+                seed = Some(value);
+                continue;
+            }
+            other => bail!("unknown option {other}\n\n{USAGE}"),
+        };
+        for knob in &mut knobs {
+            if knob.0 == variable {
+                knob.1 = value.clone();
+            }
+        }
+    }
+    plugins::build(ws)?;
+    let mut cargo = Command::new(&ws.cargo);
+    cargo.current_dir(&ws.root).args([
+        "test",
+        "--release",
+        "--locked",
+        "-p",
+        "syncd",
+        "--test",
+        "crash",
+        "--test",
+        "faults",
+        "--test",
+        "fuzz",
+        "--",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    for (variable, value) in &knobs {
+        eprintln!("xtask: {variable}={value}");
+        cargo.env(variable, value);
+    }
+    if let Some(seed) = seed {
+        for variable in ["SYNCD_CRASH_SEED", "SYNCD_FAULT_SEED", "SYNCD_FUZZ_SEED"] {
+            cargo.env(variable, &seed);
+        }
+    }
+    run(&mut cargo)
 }
 
 /// Builds the plugins, then runs every test; extra arguments go to `cargo test`.
