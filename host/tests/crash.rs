@@ -142,7 +142,12 @@ async fn crash_run(rounds: usize, seed: u64, chaos_rate: f64) -> Figures {
 
     let ingested = Arc::new(Mutex::new(Ingested::default()));
     let (stop_stream, stream_stop) = tokio::sync::watch::channel(false);
-    let stream = stream_readings(site.api(), Arc::clone(&ingested), stream_stop);
+    let stream = stream_readings(
+        site.api(),
+        Duration::from_millis(5),
+        Arc::clone(&ingested),
+        stream_stop,
+    );
 
     let mut figures = Figures {
         seed,

@@ -69,7 +69,7 @@ const USAGE: &str = "usage: cargo xtask <plugins|test|demo|bench|reliability>
   reliability
             the long crash, fault and fuzz runs, in release mode, printing their
             figures (options: --kills N [200], --chaos RATE [0.3],
-            --fault-seconds N [300], --fuzz-seconds N per target [120], --seed N)";
+            --fault-seconds N [120], --fuzz-seconds N per target [120], --seed N)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -116,7 +116,7 @@ fn reliability(ws: &Workspace, args: &[String]) -> Result<()> {
     let mut knobs: Vec<(&str, String)> = vec![
         ("SYNCD_CRASH_KILLS", "200".into()),
         ("SYNCD_CRASH_CHAOS", "0.3".into()),
-        ("SYNCD_FAULT_SECONDS", "300".into()),
+        ("SYNCD_FAULT_SECONDS", "120".into()),
         ("SYNCD_FUZZ_SECONDS", "120".into()),
     ];
     let mut seed = None;

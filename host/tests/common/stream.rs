@@ -19,10 +19,11 @@ pub struct Ingested {
     pub unknown: Vec<u64>,
 }
 
-/// Posts readings to the daemon's API without pause until told to stop, through every
-/// kill and restart.
+/// Posts [`PER_POST`] readings to the daemon's API every `pause` until told to stop,
+/// through every kill and restart.
 pub fn stream_readings(
     api: String,
+    pause: Duration,
     ingested: Arc<Mutex<Ingested>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -62,7 +63,7 @@ pub fn stream_readings(
                     next += PER_POST;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(pause).await;
         }
     })
 }
