@@ -104,7 +104,8 @@ fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
     run(Command::new(&ws.cargo)
         .current_dir(&ws.root)
         .args([
-            "bench", "--locked", "-p", "syncd", "--bench", "queue", "--bench", "reload",
+            "bench", "--locked", "-p", "syncd", "--bench", "queue", "--bench", "reload", "--bench",
+            "e2e",
         ])
         .arg("--")
         .args(extra))

@@ -25,7 +25,11 @@ pub fn encode_document(batch_id: &str, site_id: &str, readings: &[Reading]) -> V
         push_str(&mut out, &r.meter_id);
         out.push_str(",\"channel\":");
         push_str(&mut out, &r.channel);
-        let _ = write!(out, ",\"timestamp\":{},\"value\":{}", r.timestamp_ms, r.value);
+        let _ = write!(
+            out,
+            ",\"timestamp\":{},\"value\":{}",
+            r.timestamp_ms, r.value
+        );
         out.push_str(",\"unit\":");
         push_str(&mut out, &r.unit);
         out.push_str(",\"quality\":");

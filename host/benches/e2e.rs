@@ -1,0 +1,479 @@
+//! End-to-end benchmark (`cargo xtask bench`): the same work done by syncd and by a
+//! minimal native floor in the same run, and the WASM encoder against the same code
+//! compiled natively. Prints a table and writes `target/bench/e2e.json`.
+//!
+//! The work: N readings (`--readings N`, default 100000) posted to the ingest API in
+//! requests of 1000 by two clients, queued, sent in batches of 1000 to the reference
+//! Client System, acknowledged and pruned. Timed from the first request to the moment
+//! the Client System has stored every reading and the queue is empty.
+//!
+//! The floor is a yardstick, not a product: one axum route that inserts with plain
+//! SQLite statements, one loop that selects 1000 rows, writes them with serde_json,
+//! posts them with one HTTP client and deletes them. No plugins, no ORM, no batch
+//! records, no sync log, no retries.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use client_system::{Options, Server};
+use sea_orm::sqlx::{self, Row, SqlitePool};
+use syncd::config::Config;
+use syncd::plugin::bindings::types;
+use syncd::plugin::{PluginContext, PluginEngine};
+
+/// The same source file the `json_batch` plugin compiles, compiled here natively (it
+/// takes `Reading` from its parent: the host's binding of the same WIT record).
+#[path = "../../plugins/json_batch/src/document.rs"]
+mod document;
+use syncd::plugin::bindings::types::Reading;
+
+const PER_REQUEST: usize = 1000;
+const BATCH: usize = 1000;
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// Request bodies holding readings `0..n`, `PER_REQUEST` each.
+fn bodies(n: usize) -> Vec<Vec<u8>> {
+    (0..n.div_ceil(PER_REQUEST))
+        .map(|r| {
+            let readings: Vec<serde_json::Value> = (r * PER_REQUEST
+                ..((r + 1) * PER_REQUEST).min(n))
+                .map(|i| {
+                    serde_json::json!({
+                        "meter_id": format!("elec-{:05}", i % 20_000),
+                        "channel": "import-kwh",
+                        "timestamp": 1_795_305_600_000_i64 + i as i64 * 1000,
+                        "value": 1000.0 + i as f64 * 0.125,
+                        "unit": "kWh",
+                        "quality": "good",
+                    })
+                })
+                .collect();
+            serde_json::to_vec(&readings).unwrap()
+        })
+        .collect()
+}
+
+/// Posts `bodies` to `url`, two clients at a time.
+async fn post_all(url: &str, bodies: &[Vec<u8>]) -> Result<()> {
+    let http = syncd::daemon::http_client()?;
+    let mut lanes = Vec::new();
+    for lane in 0..2 {
+        let http = http.clone();
+        let url = url.to_owned();
+        let mine: Vec<Vec<u8>> = bodies.iter().skip(lane).step_by(2).cloned().collect();
+        lanes.push(tokio::spawn(async move {
+            for body in mine {
+                let response = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "ingest answered {}",
+                    response.status()
+                );
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for lane in lanes {
+        lane.await??;
+    }
+    Ok(())
+}
+
+async fn client_system(dir: &std::path::Path, name: &str) -> Result<Server> {
+    Server::start(
+        "127.0.0.1:0".parse()?,
+        Options {
+            api_key: "bench".into(),
+            database: dir.join(format!("client-system-{name}.db")),
+        },
+    )
+    .await
+}
+
+async fn wait_until_stored(server: &Server, n: usize) -> Result<()> {
+    while (server.stats().await?.readings as usize) < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// syncd doing the work: seconds.
+async fn syncd_run(dir: &std::path::Path, bodies: &[Vec<u8>], n: usize) -> Result<Duration> {
+    let server = client_system(dir, "syncd").await?;
+    let plugins = target_dir().join("plugins");
+    let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let text = format!(
+        "[site]\nid = \"bench\"\n[database]\nurl = \"sqlite://syncd.db\"\n[api]\nlisten = \"{api}\"\n[[client_system]]\nname = \"meterit\"\nbase_url = \"{}\"\napi_key = \"bench\"\nencoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = {BATCH}\n",
+        server.base_url(),
+        plugins.join("json_batch.wasm").display(),
+        plugins.join("meterit_http.wasm").display(),
+    );
+    let path = dir.join("syncd.toml");
+    std::fs::write(&path, text)?;
+    let config = Config::load(&path)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let http = syncd::daemon::http_client()?;
+    while http
+        .get(format!("http://{api}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Warm: the plugins instantiated and the transport authenticated.
+    post_all(&format!("http://{api}/v1/readings"), &self::bodies(1)[..1]).await?;
+    wait_until_stored(&server, 1).await?;
+    let stored_before = server.stats().await?.readings as usize;
+
+    let started = Instant::now();
+    post_all(&format!("http://{api}/v1/readings"), bodies).await?;
+    wait_until_stored(&server, stored_before + n).await?;
+    let queue = syncd::queue::Queue::open_for(&config).await?;
+    while queue.reading_count().await? > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let _ = stop.send(());
+    daemon.await??;
+    server.stop().await;
+    Ok(elapsed)
+}
+
+/// The floor's ingest route: the JSON array, checked as syncd checks it, inserted in
+/// one transaction.
+async fn floor_ingest(
+    axum::extract::State(pool): axum::extract::State<SqlitePool>,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        meter_id: String,
+        #[serde(default)]
+        channel: String,
+        timestamp: i64,
+        value: f64,
+        #[serde(default)]
+        unit: String,
+        #[serde(default)]
+        quality: String,
+    }
+    let Ok(readings) = serde_json::from_slice::<Vec<Wire>>(&body) else {
+        return axum::http::StatusCode::BAD_REQUEST;
+    };
+    if readings
+        .iter()
+        .any(|r| !r.value.is_finite() || r.meter_id.is_empty())
+    {
+        return axum::http::StatusCode::BAD_REQUEST;
+    }
+    // Many rows per statement, as a careful hand-written service would.
+    const ROWS: usize = 100;
+    let mut tx = pool.begin().await.unwrap();
+    for chunk in readings.chunks(ROWS) {
+        let mut sql = String::from(
+            "INSERT INTO readings (meter_id, channel, timestamp_ms, value, unit, quality) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?,?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?,?)"
+            });
+        }
+        // Only placeholders are built into the text; the values are bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            query = query
+                .bind(&r.meter_id)
+                .bind(&r.channel)
+                .bind(r.timestamp)
+                .bind(r.value)
+                .bind(&r.unit)
+                .bind(&r.quality);
+        }
+        query.execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    axum::http::StatusCode::OK
+}
+
+/// The floor doing the same work: seconds.
+async fn floor_run(dir: &std::path::Path, bodies: &[Vec<u8>], n: usize) -> Result<Duration> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    let server = client_system(dir, "floor").await?;
+    let options = SqliteConnectOptions::new()
+        .filename(dir.join("floor.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal);
+    let pool = SqlitePool::connect_with(options).await?;
+    sqlx::query("CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, meter_id TEXT NOT NULL, channel TEXT NOT NULL, timestamp_ms INTEGER NOT NULL, value REAL NOT NULL, unit TEXT NOT NULL, quality TEXT NOT NULL)")
+        .execute(&pool)
+        .await?;
+    let app = axum::Router::new()
+        .route("/ingest", axum::routing::post(floor_ingest))
+        .with_state(pool.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let http = syncd::daemon::http_client()?;
+    let token: serde_json::Value = http
+        .post(format!("{}/auth", server.base_url()))
+        .json(&serde_json::json!({ "api_key": "bench" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = token["token"].as_str().context("a token")?.to_owned();
+    let done = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (pool, http, done) = (pool.clone(), http.clone(), Arc::clone(&done));
+        let url = format!("{}/readings/batch", server.base_url());
+        tokio::spawn(async move {
+            #[derive(serde::Serialize)]
+            struct Out<'a> {
+                id: i64,
+                meter_id: &'a str,
+                channel: &'a str,
+                timestamp: i64,
+                value: f64,
+                unit: &'a str,
+                quality: &'a str,
+            }
+            let mut batch = 0u64;
+            loop {
+                let rows = sqlx::query("SELECT id, meter_id, channel, timestamp_ms, value, unit, quality FROM readings ORDER BY id LIMIT ?")
+                    .bind(BATCH as i64)
+                    .fetch_all(&pool)
+                    .await?;
+                if rows.is_empty() {
+                    if done.load(Ordering::SeqCst) {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                let meter: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+                let channel: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+                let unit: Vec<String> = rows.iter().map(|r| r.get(5)).collect();
+                let quality: Vec<String> = rows.iter().map(|r| r.get(6)).collect();
+                let readings: Vec<Out> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| Out {
+                        id: r.get(0),
+                        meter_id: &meter[i],
+                        channel: &channel[i],
+                        timestamp: r.get(3),
+                        value: r.get(4),
+                        unit: &unit[i],
+                        quality: &quality[i],
+                    })
+                    .collect();
+                batch += 1;
+                let batch_id = format!("floor-{batch}");
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "batch_id": batch_id, "site_id": "bench", "readings": readings,
+                }))?;
+                let last: i64 = rows.last().unwrap().get(0);
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("idempotency-key", &batch_id)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "upload: {}",
+                    response.status()
+                );
+                sqlx::query("DELETE FROM readings WHERE id <= ?")
+                    .bind(last)
+                    .execute(&pool)
+                    .await?;
+            }
+        })
+    };
+    let started = Instant::now();
+    post_all(&format!("http://{addr}/ingest"), bodies).await?;
+    done.store(true, Ordering::SeqCst);
+    sender.await??;
+    wait_until_stored(&server, n).await?;
+    let elapsed = started.elapsed();
+    server.stop().await;
+    Ok(elapsed)
+}
+
+/// Per-batch cost of encoding 1000 readings: the WASM `json_batch`, the same code
+/// native, and a WASM call that only receives the readings (the `hostile_encoder`
+/// fixture with no behaviour set refuses them at once): what crossing the boundary costs.
+async fn encoder_costs() -> Result<(Duration, Duration, Duration)> {
+    let readings: Vec<types::Reading> = (0..1000)
+        .map(|i| types::Reading {
+            id: i,
+            meter_id: format!("elec-{:05}", i % 20_000),
+            channel: "import-kwh".into(),
+            timestamp_ms: 1_795_305_600_000 + i as i64 * 1000,
+            value: 1000.0 + i as f64 * 0.125,
+            unit: "kWh".into(),
+            quality: "good".into(),
+            attributes: vec![("phase".into(), "L1".into())],
+        })
+        .collect();
+    let info = types::BatchInfo {
+        batch_id: "0193bench".into(),
+        site_id: "bench".into(),
+        client_system: "meterit".into(),
+        attempt: 1,
+    };
+    let engine = PluginEngine::new()?;
+    let context = || {
+        PluginContext::new(
+            "bench",
+            "meterit",
+            "http://127.0.0.1:9/",
+            Default::default(),
+            None,
+            Duration::from_secs(1),
+            syncd::daemon::http_client().unwrap(),
+        )
+        .map(Arc::new)
+    };
+    let plugins = target_dir().join("plugins");
+    let mut wasm = engine
+        .load_encoder(&plugins.join("json_batch.wasm"), context()?)
+        .await?;
+    let mut receive_only = engine
+        .load_encoder(&plugins.join("hostile_encoder.wasm"), context()?)
+        .await?;
+    const ROUNDS: u32 = 300;
+    // Same output, or the comparison is void.
+    let expected = document::encode_document(&info.batch_id, &info.site_id, &readings);
+    let got = wasm
+        .encode(&info, &readings)
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        got.body == expected,
+        "the WASM and native encoders disagree"
+    );
+
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        std::hint::black_box(document::encode_document(
+            &info.batch_id,
+            &info.site_id,
+            std::hint::black_box(&readings),
+        ));
+    }
+    let native = started.elapsed() / ROUNDS;
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        std::hint::black_box(
+            wasm.encode(&info, &readings)
+                .await?
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let in_wasm = started.elapsed() / ROUNDS;
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        let refused = receive_only.encode(&info, &readings).await?;
+        anyhow::ensure!(refused.is_err(), "the fixture refuses");
+    }
+    let boundary = started.elapsed() / ROUNDS;
+    Ok((native, in_wasm, boundary))
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut n = 100_000;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--readings" => n = args.next().context("--readings N")?.parse()?,
+            "--bench" => {}
+            // Other benchmarks' options, passed to every bench by cargo.
+            _ => {}
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let bodies = bodies(n);
+        // Alternate, twice each, so that neither always runs on a cooler machine.
+        let mut syncd_times = Vec::new();
+        let mut floor_times = Vec::new();
+        for round in 0..2 {
+            let sub = dir.path().join(format!("round-{round}"));
+            std::fs::create_dir_all(sub.join("s"))?;
+            std::fs::create_dir_all(sub.join("f"))?;
+            floor_times.push(floor_run(&sub.join("f"), &bodies, n).await?);
+            syncd_times.push(syncd_run(&sub.join("s"), &bodies, n).await?);
+        }
+        let best = |t: &[Duration]| t.iter().min().copied().unwrap();
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        let (syncd, floor) = (rate(best(&syncd_times)), rate(best(&floor_times)));
+        let (native, wasm, boundary) = encoder_costs().await?;
+
+        println!();
+        println!("end to end, {n} readings, SQLite (best of 2 each, alternated)");
+        println!("  syncd                    {syncd:>10.0} readings/s");
+        println!("  native floor             {floor:>10.0} readings/s");
+        println!("  syncd / floor            {:>10.2}", syncd / floor);
+        println!("encoder, one batch of 1000 readings");
+        println!(
+            "  native json_batch        {:>10.1} µs",
+            native.as_secs_f64() * 1e6
+        );
+        println!(
+            "  WASM json_batch          {:>10.1} µs",
+            wasm.as_secs_f64() * 1e6
+        );
+        println!(
+            "  WASM / native            {:>10.2}",
+            wasm.as_secs_f64() / native.as_secs_f64()
+        );
+        println!(
+            "  passing the readings in  {:>10.1} µs ({:.0}% of the WASM call)",
+            boundary.as_secs_f64() * 1e6,
+            100.0 * boundary.as_secs_f64() / wasm.as_secs_f64()
+        );
+        let json = serde_json::json!({
+            "readings": n,
+            "syncd_readings_per_s": syncd,
+            "floor_readings_per_s": floor,
+            "syncd_over_floor": syncd / floor,
+            "encoder_native_us": native.as_secs_f64() * 1e6,
+            "encoder_wasm_us": wasm.as_secs_f64() * 1e6,
+            "encoder_wasm_over_native": wasm.as_secs_f64() / native.as_secs_f64(),
+            "encoder_boundary_us": boundary.as_secs_f64() * 1e6,
+        });
+        let out = target_dir().join("bench");
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(out.join("e2e.json"), serde_json::to_vec_pretty(&json)?)?;
+        println!("written to {}", out.join("e2e.json").display());
+        Ok(())
+    })
+}
