@@ -11,6 +11,10 @@
 //! SQLite statements, one loop that selects 1000 rows, writes them with serde_json,
 //! posts them with one HTTP client and deletes them. No plugins, no ORM, no batch
 //! records, no sync log, no retries.
+//!
+//! syncd also does the same work on PostgreSQL, in a database of its own
+//! (`syncd_bench_e2e`, dropped and created) on the server at `SYNCD_TEST_POSTGRES_URL`
+//! (by default the local one); when none answers, that line says so and is skipped.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -110,13 +114,18 @@ async fn wait_until_stored(server: &Server, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// syncd doing the work: seconds.
-async fn syncd_run(dir: &std::path::Path, bodies: &[Vec<u8>], n: usize) -> Result<Duration> {
+/// syncd doing the work, its queue at `database_url`: seconds.
+async fn syncd_run(
+    dir: &std::path::Path,
+    database_url: &str,
+    bodies: &[Vec<u8>],
+    n: usize,
+) -> Result<Duration> {
     let server = client_system(dir, "syncd").await?;
     let plugins = target_dir().join("plugins");
     let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let text = format!(
-        "[site]\nid = \"bench\"\n[database]\nurl = \"sqlite://syncd.db\"\n[api]\nlisten = \"{api}\"\n[[client_system]]\nname = \"meterit\"\nbase_url = \"{}\"\napi_key = \"bench\"\nencoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = {BATCH}\n",
+        "[site]\nid = \"bench\"\n[database]\nurl = \"{database_url}\"\n[api]\nlisten = \"{api}\"\n[[client_system]]\nname = \"meterit\"\nbase_url = \"{}\"\napi_key = \"bench\"\nencoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = {BATCH}\n",
         server.base_url(),
         plugins.join("json_batch.wasm").display(),
         plugins.join("meterit_http.wasm").display(),
@@ -154,6 +163,23 @@ async fn syncd_run(dir: &std::path::Path, bodies: &[Vec<u8>], n: usize) -> Resul
     daemon.await??;
     server.stop().await;
     Ok(elapsed)
+}
+
+/// A new, empty database on the PostgreSQL server, or why there is none.
+async fn fresh_postgres() -> Result<String> {
+    use sea_orm::ConnectionTrait;
+    let admin = std::env::var("SYNCD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let db = sea_orm::Database::connect(&admin)
+        .await
+        .with_context(|| format!("no PostgreSQL answers at {admin}"))?;
+    db.execute_unprepared("DROP DATABASE IF EXISTS syncd_bench_e2e WITH (FORCE)")
+        .await?;
+    db.execute_unprepared("CREATE DATABASE syncd_bench_e2e")
+        .await?;
+    let mut url = reqwest::Url::parse(&admin)?;
+    url.set_path("/syncd_bench_e2e");
+    Ok(url.to_string())
 }
 
 /// The floor's ingest route: the JSON array, checked as syncd checks it, inserted in
@@ -430,8 +456,19 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(sub.join("s"))?;
             std::fs::create_dir_all(sub.join("f"))?;
             floor_times.push(floor_run(&sub.join("f"), &bodies, n).await?);
-            syncd_times.push(syncd_run(&sub.join("s"), &bodies, n).await?);
+            syncd_times.push(syncd_run(&sub.join("s"), "sqlite://syncd.db", &bodies, n).await?);
         }
+        let postgres = match fresh_postgres().await {
+            Ok(url) => {
+                let sub = dir.path().join("postgres");
+                std::fs::create_dir_all(&sub)?;
+                Some(syncd_run(&sub, &url, &bodies, n).await?)
+            }
+            Err(why) => {
+                eprintln!("bench: PostgreSQL skipped: {why:#}");
+                None
+            }
+        };
         let best = |t: &[Duration]| t.iter().min().copied().unwrap();
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let (syncd, floor) = (rate(best(&syncd_times)), rate(best(&floor_times)));
@@ -442,6 +479,15 @@ fn main() -> Result<()> {
         println!("  syncd                    {syncd:>10.0} readings/s");
         println!("  native floor             {floor:>10.0} readings/s");
         println!("  syncd / floor            {:>10.2}", syncd / floor);
+        let postgres = postgres.map(rate);
+        match postgres {
+            Some(pg) => {
+                println!("end to end, {n} readings, syncd on PostgreSQL (one run)");
+                println!("  syncd                    {pg:>10.0} readings/s");
+                println!("  syncd / SQLite floor     {:>10.2}", pg / floor);
+            }
+            None => println!("end to end on PostgreSQL: skipped, no server answered"),
+        }
         println!("encoder, one batch of 1000 readings");
         println!(
             "  native json_batch        {:>10.1} µs",
@@ -465,6 +511,7 @@ fn main() -> Result<()> {
             "syncd_readings_per_s": syncd,
             "floor_readings_per_s": floor,
             "syncd_over_floor": syncd / floor,
+            "syncd_postgres_readings_per_s": postgres,
             "encoder_native_us": native.as_secs_f64() * 1e6,
             "encoder_wasm_us": wasm.as_secs_f64() * 1e6,
             "encoder_wasm_over_native": wasm.as_secs_f64() / native.as_secs_f64(),

@@ -64,8 +64,11 @@ const USAGE: &str = "usage: cargo xtask <plugins|test|demo|bench|reliability>
   plugins   build every crate under plugins/ into target/plugins/<crate>.wasm
   test      build the plugins, then run every test of the workspace
   demo      run syncd against the reference Client System on loopback
-  bench     build in release mode and print the benchmarks' figures
-            (options: --large N readings for the large backlog, --postgres URL)
+  bench     build in release mode, run the benchmarks, print their figures and
+            gather them into target/bench/bench.json (options: --readings N
+            end to end [100000], --large N drain backlog [1000000; 10000000 is
+            the long one], --postgres URL for the queue benchmark, --rate N and
+            --seconds N of the steady load [10000, 20])
   reliability
             the long crash, fault and fuzz runs, in release mode, printing their
             figures (options: --kills N [200], --chaos RATE [0.3],
@@ -97,18 +100,133 @@ fn main() -> ExitCode {
     }
 }
 
+/// The benchmarks, each writing `target/bench/<name>.json`.
+const BENCHES: &[&str] = &["queue", "reload", "e2e", "process"];
+
 /// Builds the plugins, then runs the benchmarks in release mode; extra arguments go
-/// to the benchmark.
+/// to the benchmarks. Then gathers their figures into `target/bench/bench.json`, with
+/// the machine and the commit, and prints the headline figures against the targets.
 fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
     plugins::build(ws)?;
-    run(Command::new(&ws.cargo)
+    let out = ws.target.join("bench");
+    // The queue benchmark names its file after the database it ran on.
+    let queue = if extra.iter().any(|a| a == "--postgres") {
+        "queue-postgres"
+    } else {
+        "queue-sqlite"
+    };
+    let file = |name: &str| match name {
+        "queue" => out.join(format!("{queue}.json")),
+        name => out.join(format!("{name}.json")),
+    };
+    for name in BENCHES {
+        // A figure left from an earlier run must not pass for this run's.
+        let _ = std::fs::remove_file(file(name));
+    }
+    let mut command = Command::new(&ws.cargo);
+    command
         .current_dir(&ws.root)
-        .args([
-            "bench", "--locked", "-p", "syncd", "--bench", "queue", "--bench", "reload", "--bench",
-            "e2e",
-        ])
-        .arg("--")
-        .args(extra))
+        .args(["bench", "--locked", "-p", "syncd"]);
+    for name in BENCHES {
+        command.args(["--bench", name]);
+    }
+    run(command.arg("--").args(extra))?;
+
+    let mut all = serde_json::Map::new();
+    all.insert("machine".into(), machine(ws));
+    for name in BENCHES {
+        let path = file(name);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("benchmark {name} wrote no {}", path.display()))?;
+        all.insert((*name).into(), serde_json::from_str(&text)?);
+    }
+    let all = serde_json::Value::Object(all);
+    std::fs::write(out.join("bench.json"), serde_json::to_vec_pretty(&all)?)?;
+
+    let figure = |path: &str| all.pointer(path).and_then(serde_json::Value::as_f64);
+    let show = |what: &str, value: Option<f64>, target: &str| match value {
+        Some(v) => println!("  {what:<40} {v:>9.2}   {target}"),
+        None => println!("  {what:<40} {:>9}   {target}", "-"),
+    };
+    println!();
+    println!(
+        "headline figures (all in {})",
+        out.join("bench.json").display()
+    );
+    show(
+        "end to end, syncd / native floor",
+        figure("/e2e/syncd_over_floor"),
+        "target: at least 0.8",
+    );
+    show(
+        "encoder, WASM / native",
+        figure("/e2e/encoder_wasm_over_native"),
+        "target: at most 1.3",
+    );
+    show(
+        "drain speed, large backlog / small",
+        figure("/queue/drain_ratio_large_over_small"),
+        "target: about 1",
+    );
+    show(
+        "reload latency, cold compile, ms",
+        figure("/reload/reload_cold_ms"),
+        "",
+    );
+    show(
+        "reload latency, cache hit, ms",
+        figure("/reload/reload_cache_hit_ms"),
+        "",
+    );
+    show(
+        "start-up to first batch, warm cache, ms",
+        figure("/process/startup_to_first_batch_warm_ms"),
+        "",
+    );
+    show(
+        "idle RSS, MiB",
+        figure("/process/idle_rss_mib"),
+        "target: under 30",
+    );
+    show(
+        "CPU at steady load, share of one core",
+        figure("/process/steady_cpu_share_of_one_core"),
+        "",
+    );
+    Ok(())
+}
+
+/// What the figures were measured on: CPU, cores, memory, kernel, commit, time.
+fn machine(ws: &Workspace) -> serde_json::Value {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned());
+    let meminfo = read("/proc/meminfo");
+    let memory_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .current_dir(&ws.root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    serde_json::json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "memory_gib": memory_kib.map(|k| (k as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0),
+        "kernel": output("uname", &["-sr"]),
+        "commit": output("git", &["rev-parse", "--short", "HEAD"]),
+        "dirty": output("git", &["status", "--porcelain"]).map(|s| !s.is_empty()),
+        "date": output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
 }
 
 /// The long reliability run: the crash, fault and fuzz tests of the suite, told by
