@@ -43,6 +43,18 @@ fn plugin_check_says_what_a_component_is() {
         "{report}"
     );
     assert!(report.contains("name:        json-batch"), "{report}");
+    assert!(report.contains("wit version: 0.2.0"), "{report}");
+    assert!(!report.contains("@0.1.0"), "{report}");
+
+    // An encoder of the older WIT version is still accepted.
+    let older = plugin("json_batch_v2");
+    let out = syncd(&["plugin", "check", older.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("world:       sync:plugin/encoder"),
+        "{report}"
+    );
     assert!(report.contains("wit version: 0.1.0"), "{report}");
 
     let transport = plugin("meterit_http");

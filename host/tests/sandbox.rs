@@ -391,3 +391,22 @@ async fn a_retry_later_for_ever_waits_at_most_an_hour() {
     assert!(wait_ms >= cap - 60_000, "waits {wait_ms} ms");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn an_encoder_naming_another_wit_version_than_it_implements_is_refused() {
+    let engine = PluginEngine::new().unwrap();
+    let settings = BTreeMap::from([("behaviour".to_owned(), "claim-0.1.0".to_owned())]);
+    let error = match engine
+        .load_encoder(&plugin("hostile_encoder"), context(settings))
+        .await
+    {
+        Ok(_) => panic!("a plugin misnaming its WIT version was accepted"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        error.contains(
+            "says it was built for WIT sync:plugin@0.1.0, but it implements the world of 0.2.0"
+        ),
+        "{error}"
+    );
+}

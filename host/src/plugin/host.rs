@@ -11,7 +11,7 @@ use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{http, log, settings, types};
+use super::bindings::{http, log, settings, types, v2};
 use crate::config::Secret;
 
 /// Largest response body handed to a plugin.
@@ -309,6 +309,45 @@ impl settings::Host for PluginState {
 
     fn client_system(&mut self) -> String {
         self.context.client_system.clone()
+    }
+}
+
+// The imports of `sync:plugin@0.2.0` are those of 0.1.0 under a new name.
+
+impl v2::types::Host for PluginState {}
+
+impl v2::log::Host for PluginState {
+    fn write(&mut self, level: v2::log::Level, message: String) {
+        let level = match level {
+            v2::log::Level::Trace => log::Level::Trace,
+            v2::log::Level::Debug => log::Level::Debug,
+            v2::log::Level::Info => log::Level::Info,
+            v2::log::Level::Warn => log::Level::Warn,
+            v2::log::Level::Error => log::Level::Error,
+        };
+        log::Host::write(self, level, message);
+    }
+}
+
+impl v2::settings::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        settings::Host::get(self, key)
+    }
+
+    fn all(&mut self) -> Vec<(String, String)> {
+        settings::Host::all(self)
+    }
+
+    fn secret(&mut self, name: String) -> Option<String> {
+        settings::Host::secret(self, name)
+    }
+
+    fn site_id(&mut self) -> String {
+        settings::Host::site_id(self)
+    }
+
+    fn client_system(&mut self) -> String {
+        settings::Host::client_system(self)
     }
 }
 

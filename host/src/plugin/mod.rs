@@ -7,4 +7,4 @@ pub mod output;
 pub mod runtime;
 
 pub use host::PluginContext;
-pub use runtime::{CallError, EncoderPlugin, PluginEngine, TransportPlugin};
+pub use runtime::{CallError, EncoderPlugin, PluginEngine, TransportPlugin, columns};

@@ -9,12 +9,13 @@ use anyhow::{Context, Result, bail};
 use wasmtime::component::{HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 
-use super::bindings::{Encoder, EncoderPre, Transport, TransportPre, UploadOutcome, types};
+use super::bindings::{self, Transport, TransportPre, UploadOutcome, types, v2};
 use super::cache::{self, Compiled, Origin};
 use super::host::{HttpTally, PluginContext, PluginState};
 
-/// WIT package versions this host accepts from `describe`.
-pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0"];
+/// WIT package versions this host accepts from `describe`: encoders of 0.1.0 and
+/// 0.2.0, transports of 0.1.0 (0.2.0 changed the encoder world only).
+pub const SUPPORTED_WIT_VERSIONS: &[&str] = &["0.1.0", "0.2.0"];
 
 /// Linear memory one plugin instance may use.
 pub const MEMORY_LIMIT_BYTES: usize = 256 * 1024 * 1024;
@@ -53,6 +54,11 @@ impl PluginEngine {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        // For profiling plugins with `perf`: name the compiled guest functions in
+        // /tmp/perf-<pid>.map.
+        if std::env::var_os("SYNCD_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
@@ -60,6 +66,7 @@ impl PluginEngine {
         // they get it with nothing granted.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Transport::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
+        v2::Encoder::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
 
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -152,10 +159,10 @@ impl PluginEngine {
             .map_err(anyhow::Error::from)
             .with_context(|| {
                 format!(
-                    "{} is not {} for this host (world sync:plugin/{}@0.1.0)",
+                    "{} is not {} for this host ({})",
                     path.display(),
                     W::ARTICLE_NAME,
-                    W::NAME
+                    W::WORLDS
                 )
             })?;
         let mut plugin: Plugin<W> = Plugin {
@@ -174,7 +181,7 @@ impl PluginEngine {
             .call(async |bindings, store| bindings.describe(store).await)
             .await
             .with_context(|| format!("{}: describe failed", path.display()))?;
-        check_info(&info, path)?;
+        check_info(&info, W::wit_version(&plugin.pre), path)?;
         plugin.info = info;
         Ok(plugin)
     }
@@ -188,7 +195,9 @@ fn placeholder_info(path: &Path) -> types::PluginInfo {
     }
 }
 
-fn check_info(info: &types::PluginInfo, path: &Path) -> Result<()> {
+/// `describe` must name a version this host supports, and the one whose world the
+/// component implements.
+fn check_info(info: &types::PluginInfo, implemented: &str, path: &Path) -> Result<()> {
     if !SUPPORTED_WIT_VERSIONS.contains(&info.wit_version.as_str()) {
         bail!(
             "{} ({} {}) was built for WIT sync:plugin@{}, but this host supports {}",
@@ -197,6 +206,15 @@ fn check_info(info: &types::PluginInfo, path: &Path) -> Result<()> {
             info.version,
             info.wit_version,
             SUPPORTED_WIT_VERSIONS.join(", ")
+        );
+    }
+    if info.wit_version != implemented {
+        bail!(
+            "{} ({} {}) says it was built for WIT sync:plugin@{}, but it implements the world of {implemented}",
+            path.display(),
+            info.name,
+            info.version,
+            info.wit_version,
         );
     }
     Ok(())
@@ -240,10 +258,14 @@ pub trait World: Sized + Send + 'static {
     const NAME: &'static str;
     /// The world's name with its article, for messages: "an encoder".
     const ARTICLE_NAME: &'static str;
+    /// The worlds accepted, fully named, for messages.
+    const WORLDS: &'static str;
     /// The pre-instantiated component.
     type Pre: Send + Sync + 'static;
     /// Checks a component against the world.
     fn prepare(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre>;
+    /// The version of the WIT package whose world the component implements.
+    fn wit_version(pre: &Self::Pre) -> &'static str;
     /// Makes an instance.
     fn instantiate(
         pre: &Self::Pre,
@@ -258,24 +280,67 @@ pub trait World: Sized + Send + 'static {
     fn default_deadline(context: &PluginContext) -> Duration;
 }
 
+/// An encoder of either WIT version: 0.1.0 receives its batch as a list of records,
+/// 0.2.0 as columns.
+pub enum Encoder {
+    /// `sync:plugin/encoder@0.1.0`.
+    V1(bindings::Encoder),
+    /// `sync:plugin/encoder@0.2.0`.
+    V2(v2::Encoder),
+}
+
+/// A pre-instantiated encoder of either version.
+pub enum EncoderPre {
+    /// `sync:plugin/encoder@0.1.0`.
+    V1(bindings::EncoderPre<PluginState>),
+    /// `sync:plugin/encoder@0.2.0`.
+    V2(v2::EncoderPre<PluginState>),
+}
+
 impl World for Encoder {
     const NAME: &'static str = "encoder";
     const ARTICLE_NAME: &'static str = "an encoder";
-    type Pre = EncoderPre<PluginState>;
+    const WORLDS: &'static str = "world sync:plugin/encoder@0.2.0 or @0.1.0";
+    type Pre = EncoderPre;
     fn prepare(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-        EncoderPre::new(pre)
+        match v2::EncoderPre::new(pre.clone()) {
+            Ok(pre) => Ok(EncoderPre::V2(pre)),
+            Err(v2_error) => match bindings::EncoderPre::new(pre) {
+                Ok(pre) => Ok(EncoderPre::V1(pre)),
+                Err(v1_error) => Err(v1_error.context(format!("as 0.2.0: {v2_error:#}; as 0.1.0"))),
+            },
+        }
+    }
+    fn wit_version(pre: &Self::Pre) -> &'static str {
+        match pre {
+            EncoderPre::V1(_) => "0.1.0",
+            EncoderPre::V2(_) => "0.2.0",
+        }
     }
     async fn instantiate(
         pre: &Self::Pre,
         store: &mut Store<PluginState>,
     ) -> wasmtime::Result<Self> {
-        pre.instantiate_async(store).await
+        Ok(match pre {
+            EncoderPre::V1(pre) => Encoder::V1(pre.instantiate_async(store).await?),
+            EncoderPre::V2(pre) => Encoder::V2(pre.instantiate_async(store).await?),
+        })
     }
     async fn describe(
         &self,
         store: &mut Store<PluginState>,
     ) -> wasmtime::Result<types::PluginInfo> {
-        self.call_describe(store).await
+        Ok(match self {
+            Encoder::V1(e) => e.call_describe(store).await?,
+            Encoder::V2(e) => {
+                let info = e.call_describe(store).await?;
+                types::PluginInfo {
+                    name: info.name,
+                    version: info.version,
+                    wit_version: info.wit_version,
+                }
+            }
+        })
     }
     fn default_deadline(_: &PluginContext) -> Duration {
         ENCODE_DEADLINE
@@ -285,9 +350,13 @@ impl World for Encoder {
 impl World for Transport {
     const NAME: &'static str = "transport";
     const ARTICLE_NAME: &'static str = "a transport";
+    const WORLDS: &'static str = "world sync:plugin/transport@0.1.0";
     type Pre = TransportPre<PluginState>;
     fn prepare(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
         TransportPre::new(pre)
+    }
+    fn wit_version(_: &Self::Pre) -> &'static str {
+        "0.1.0"
     }
     async fn instantiate(
         pre: &Self::Pre,
@@ -407,9 +476,101 @@ impl Plugin<Encoder> {
         info: &types::BatchInfo,
         readings: &[types::Reading],
     ) -> Result<Result<types::EncodedBatch, String>, CallError> {
-        self.call(async |b, s| b.call_encode(s, info, readings).await)
-            .await
+        match &self.pre {
+            EncoderPre::V1(_) => {
+                self.call(async |b, s| match b {
+                    Encoder::V1(b) => b.call_encode(s, info, readings).await,
+                    Encoder::V2(_) => unreachable!("the instance follows its pre"),
+                })
+                .await
+            }
+            EncoderPre::V2(_) => {
+                let info = v2::types::BatchInfo {
+                    batch_id: info.batch_id.clone(),
+                    site_id: info.site_id.clone(),
+                    client_system: info.client_system.clone(),
+                    attempt: info.attempt,
+                };
+                let columns = columns(readings)?;
+                let encoded = self
+                    .call(async |b, s| match b {
+                        Encoder::V2(b) => b.call_encode(s, &info, &columns).await,
+                        Encoder::V1(_) => unreachable!("the instance follows its pre"),
+                    })
+                    .await?;
+                Ok(encoded.map(|e| types::EncodedBatch {
+                    content_type: e.content_type,
+                    body: e.body,
+                    reading_count: e.reading_count,
+                }))
+            }
+        }
     }
+}
+
+/// Readings as the columns of WIT 0.2.0; an error for a batch whose text cannot be
+/// addressed by a 32-bit plugin (far beyond the plugin's memory limit anyway).
+pub fn columns(readings: &[types::Reading]) -> Result<v2::types::Readings, CallError> {
+    /// A column of strings with room for `n`, of `bytes` bytes each on average.
+    fn strings(n: usize, bytes: usize) -> v2::types::Strings {
+        v2::types::Strings {
+            text: String::with_capacity(n * bytes),
+            ends: Vec::with_capacity(n),
+        }
+    }
+    fn push(column: &mut v2::types::Strings, s: &str) {
+        column.text.push_str(s);
+        // A column past 4 GiB is refused below.
+        column
+            .ends
+            .push(u32::try_from(column.text.len()).unwrap_or(u32::MAX));
+    }
+    let n = readings.len();
+    let mut c = v2::types::Readings {
+        ids: Vec::with_capacity(n),
+        meter_ids: strings(n, 16),
+        channels: strings(n, 12),
+        timestamps_ms: Vec::with_capacity(n),
+        values: Vec::with_capacity(n),
+        units: strings(n, 4),
+        qualities: strings(n, 4),
+        attribute_ends: Vec::with_capacity(n),
+        attribute_keys: strings(0, 0),
+        attribute_values: strings(0, 0),
+    };
+    for r in readings {
+        c.ids.push(r.id);
+        push(&mut c.meter_ids, &r.meter_id);
+        push(&mut c.channels, &r.channel);
+        c.timestamps_ms.push(r.timestamp_ms);
+        c.values.push(r.value);
+        push(&mut c.units, &r.unit);
+        push(&mut c.qualities, &r.quality);
+        for (k, v) in &r.attributes {
+            push(&mut c.attribute_keys, k);
+            push(&mut c.attribute_values, v);
+        }
+        c.attribute_ends
+            .push(u32::try_from(c.attribute_keys.ends.len()).unwrap_or(u32::MAX));
+    }
+    let longest = [
+        &c.meter_ids,
+        &c.channels,
+        &c.units,
+        &c.qualities,
+        &c.attribute_keys,
+        &c.attribute_values,
+    ]
+    .iter()
+    .map(|column| column.text.len())
+    .max()
+    .unwrap_or(0);
+    if longest >= u32::MAX as usize {
+        return Err(CallError::Trap(anyhow::anyhow!(
+            "the batch's text ({longest} bytes in one column) cannot be handed to a plugin: over 4 GiB"
+        )));
+    }
+    Ok(c)
 }
 
 impl Plugin<Transport> {
@@ -447,5 +608,60 @@ impl Plugin<Transport> {
         &mut self,
     ) -> Result<Result<Option<types::RemoteConfig>, String>, CallError> {
         self.call(async |b, s| b.call_fetch_config(s).await).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(id: u64, meter: &str, attributes: &[(&str, &str)]) -> types::Reading {
+        types::Reading {
+            id,
+            meter_id: meter.into(),
+            channel: String::new(),
+            timestamp_ms: id as i64,
+            value: id as f64 / 2.0,
+            unit: "kWh".into(),
+            quality: "good".into(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        }
+    }
+
+    /// String `i` of a column, as a plugin reads it.
+    fn nth(column: &v2::types::Strings, i: usize) -> &str {
+        let start = if i == 0 {
+            0
+        } else {
+            column.ends[i - 1] as usize
+        };
+        &column.text[start..column.ends[i] as usize]
+    }
+
+    #[test]
+    fn columns_hold_every_field_of_every_reading() {
+        let rows = [
+            reading(7, "élec-1", &[("phase", "L1"), ("ct", "200/5")]),
+            reading(8, "water-2", &[]),
+            reading(9, "", &[("k", "")]),
+        ];
+        let c = columns(&rows).unwrap();
+        assert_eq!(c.ids, [7, 8, 9]);
+        assert_eq!(c.timestamps_ms, [7, 8, 9]);
+        assert_eq!(c.values, [3.5, 4.0, 4.5]);
+        let meters: Vec<&str> = (0..3).map(|i| nth(&c.meter_ids, i)).collect();
+        assert_eq!(meters, ["élec-1", "water-2", ""]);
+        assert_eq!(c.channels.ends, [0, 0, 0]);
+        assert_eq!(nth(&c.units, 2), "kWh");
+        assert_eq!(nth(&c.qualities, 1), "good");
+        // Reading 0 has pairs 0..2, reading 1 none, reading 2 pair 2..3.
+        assert_eq!(c.attribute_ends, [2, 2, 3]);
+        let keys: Vec<&str> = (0..3).map(|i| nth(&c.attribute_keys, i)).collect();
+        let values: Vec<&str> = (0..3).map(|i| nth(&c.attribute_values, i)).collect();
+        assert_eq!(keys, ["phase", "ct", "k"]);
+        assert_eq!(values, ["L1", "200/5", ""]);
     }
 }

@@ -8,11 +8,12 @@
 //! - `huge`: returns a body of 80 MiB;
 //! - `miscount`: says it encoded a thousand readings more than it was given;
 //! - `bad-content-type`: returns a content type that would inject a header;
-//! - `invalid-utf8`: refuses the batch with a reason that is not UTF-8.
+//! - `invalid-utf8`: refuses the batch with a reason that is not UTF-8;
+//! - `claim-0.1.0`: `describe` names WIT 0.1.0, though it implements 0.2.0.
 
 wit_bindgen::generate!({
     world: "encoder",
-    path: "../../wit",
+    path: "../../wit/v0.2.0",
 });
 
 use sync::plugin::settings;
@@ -24,11 +25,15 @@ impl Guest for Hostile {
         PluginInfo {
             name: "hostile-encoder".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            wit_version: "0.1.0".into(),
+            // Built against 0.2.0; `claim-0.1.0` makes it say otherwise.
+            wit_version: match settings::get("behaviour").as_deref() {
+                Some("claim-0.1.0") => "0.1.0".into(),
+                _ => "0.2.0".into(),
+            },
         }
     }
 
-    fn encode(_info: BatchInfo, readings: Vec<Reading>) -> Result<EncodedBatch, String> {
+    fn encode(_info: BatchInfo, readings: Readings) -> Result<EncodedBatch, String> {
         match settings::get("behaviour").as_deref() {
             Some("spin") => {
                 let mut n: u64 = 0;
@@ -47,17 +52,17 @@ impl Guest for Hostile {
             Some("huge") => Ok(EncodedBatch {
                 content_type: "application/octet-stream".into(),
                 body: vec![b'x'; 80 << 20],
-                reading_count: readings.len() as u32,
+                reading_count: readings.ids.len() as u32,
             }),
             Some("miscount") => Ok(EncodedBatch {
                 content_type: "application/json".into(),
                 body: b"[]".to_vec(),
-                reading_count: readings.len() as u32 + 1000,
+                reading_count: readings.ids.len() as u32 + 1000,
             }),
             Some("bad-content-type") => Ok(EncodedBatch {
                 content_type: "application/json\r\nX-Injected: yes".into(),
                 body: b"[]".to_vec(),
-                reading_count: readings.len() as u32,
+                reading_count: readings.ids.len() as u32,
             }),
             Some("invalid-utf8") => {
                 let bytes = vec![b'b', b'a', b'd', 0xff, 0xfe];
@@ -66,7 +71,7 @@ impl Guest for Hostile {
             }
             _ => Err(format!(
                 "behaviour not set; refusing {} readings",
-                readings.len()
+                readings.ids.len()
             )),
         }
     }
