@@ -16,13 +16,12 @@
 //! (`syncd_bench_e2e`, dropped and created) on the server at `SYNCD_TEST_POSTGRES_URL`
 //! (by default the local one); when none answers, that line says so and is skipped.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use client_system::{Options, Server};
+use client_system::Server;
 use sea_orm::sqlx::{self, Row, SqlitePool};
 use syncd::config::Config;
 use syncd::plugin::bindings::types;
@@ -38,74 +37,14 @@ use syncd::plugin::bindings::v2::types::{Readings, Strings};
 const PER_REQUEST: usize = 1000;
 const BATCH: usize = 1000;
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
+mod common;
+use common::{client_system, plugin, post_all, request_body};
 
 /// Request bodies holding readings `0..n`, `PER_REQUEST` each.
 fn bodies(n: usize) -> Vec<Vec<u8>> {
     (0..n.div_ceil(PER_REQUEST))
-        .map(|r| {
-            let readings: Vec<serde_json::Value> = (r * PER_REQUEST
-                ..((r + 1) * PER_REQUEST).min(n))
-                .map(|i| {
-                    serde_json::json!({
-                        "meter_id": format!("elec-{:05}", i % 20_000),
-                        "channel": "import-kwh",
-                        "timestamp": 1_795_305_600_000_i64 + i as i64 * 1000,
-                        "value": 1000.0 + i as f64 * 0.125,
-                        "unit": "kWh",
-                        "quality": "good",
-                    })
-                })
-                .collect();
-            serde_json::to_vec(&readings).unwrap()
-        })
+        .map(|r| request_body(r * PER_REQUEST, PER_REQUEST.min(n - r * PER_REQUEST)))
         .collect()
-}
-
-/// Posts `bodies` to `url`, two clients at a time.
-async fn post_all(url: &str, bodies: &[Vec<u8>]) -> Result<()> {
-    let http = syncd::daemon::http_client()?;
-    let mut lanes = Vec::new();
-    for lane in 0..2 {
-        let http = http.clone();
-        let url = url.to_owned();
-        let mine: Vec<Vec<u8>> = bodies.iter().skip(lane).step_by(2).cloned().collect();
-        lanes.push(tokio::spawn(async move {
-            for body in mine {
-                let response = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    response.status().is_success(),
-                    "ingest answered {}",
-                    response.status()
-                );
-            }
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for lane in lanes {
-        lane.await??;
-    }
-    Ok(())
-}
-
-async fn client_system(dir: &std::path::Path, name: &str) -> Result<Server> {
-    Server::start(
-        "127.0.0.1:0".parse()?,
-        Options {
-            api_key: "bench".into(),
-            database: dir.join(format!("client-system-{name}.db")),
-        },
-    )
-    .await
 }
 
 async fn wait_until_stored(server: &Server, n: usize) -> Result<()> {
@@ -123,13 +62,12 @@ async fn syncd_run(
     n: usize,
 ) -> Result<Duration> {
     let server = client_system(dir, "syncd").await?;
-    let plugins = target_dir().join("plugins");
     let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let text = format!(
         "[site]\nid = \"bench\"\n[database]\nurl = \"{database_url}\"\n[api]\nlisten = \"{api}\"\n[[client_system]]\nname = \"meterit\"\nbase_url = \"{}\"\napi_key = \"bench\"\nencoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = {BATCH}\n",
         server.base_url(),
-        plugins.join("json_batch.wasm").display(),
-        plugins.join("meterit_http.wasm").display(),
+        plugin("json_batch").display(),
+        plugin("meterit_http").display(),
     );
     let path = dir.join("syncd.toml");
     std::fs::write(&path, text)?;
@@ -388,12 +326,11 @@ async fn encoder_costs() -> Result<(Duration, Duration, Duration)> {
         )
         .map(Arc::new)
     };
-    let plugins = target_dir().join("plugins");
     let mut wasm = engine
-        .load_encoder(&plugins.join("json_batch.wasm"), context()?)
+        .load_encoder(&plugin("json_batch"), context()?)
         .await?;
     let mut receive_only = engine
-        .load_encoder(&plugins.join("hostile_encoder.wasm"), context()?)
+        .load_encoder(&plugin("hostile_encoder"), context()?)
         .await?;
     const ROUNDS: u32 = 300;
     // Same output, or the comparison is void.
@@ -437,16 +374,7 @@ async fn encoder_costs() -> Result<(Duration, Duration, Duration)> {
 }
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut n = 100_000;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--readings" => n = args.next().context("--readings N")?.parse()?,
-            "--bench" => {}
-            // Other benchmarks' options, passed to every bench by cargo.
-            _ => {}
-        }
-    }
+    let n = common::number("--readings", 100_000)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -522,10 +450,7 @@ fn main() -> Result<()> {
             "encoder_wasm_over_native": wasm.as_secs_f64() / native.as_secs_f64(),
             "encoder_boundary_us": boundary.as_secs_f64() * 1e6,
         });
-        let out = target_dir().join("bench");
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("e2e.json"), serde_json::to_vec_pretty(&json)?)?;
-        println!("written to {}", out.join("e2e.json").display());
+        common::write_json("e2e", &json)?;
         Ok(())
     })
 }

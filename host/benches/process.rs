@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use client_system::{Options, Server};
+use client_system::Server;
 use syncd::config::Config;
 use syncd::queue::Queue;
 use syncd::reading::NewReading;
@@ -30,36 +30,8 @@ const BATCH: usize = 1000;
 /// Readings per ingest request under steady load (one request every 10 ms at 10k/s).
 const PER_REQUEST: usize = 100;
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-fn reading(i: usize) -> NewReading {
-    NewReading {
-        meter_id: format!("elec-{:05}", i % 20_000),
-        channel: "import-kwh".into(),
-        timestamp_ms: 1_795_305_600_000 + (i as i64) * 1000,
-        value: 1000.0 + i as f64 * 0.125,
-        unit: "kWh".into(),
-        quality: "good".into(),
-        attributes: Vec::new(),
-    }
-}
-
-fn request_body(start: usize, n: usize) -> Vec<u8> {
-    let readings: Vec<serde_json::Value> = (start..start + n)
-        .map(|i| {
-            let r = reading(i);
-            serde_json::json!({
-                "meter_id": r.meter_id, "channel": r.channel, "timestamp": r.timestamp_ms,
-                "value": r.value, "unit": r.unit, "quality": r.quality,
-            })
-        })
-        .collect();
-    serde_json::to_vec(&readings).expect("JSON")
-}
+mod common;
+use common::{client_system, plugin, reading, request_body};
 
 /// One site: its folder, config and API address, delivering to `server`.
 struct Site {
@@ -71,7 +43,6 @@ struct Site {
 
 impl Site {
     fn new(dir: &Path, server: &Server) -> Result<Self> {
-        let plugins = target_dir().join("plugins");
         let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let text = format!(
             r#"
@@ -93,8 +64,8 @@ interval = "1s"
 batch_size = {BATCH}
 "#,
             base = server.base_url(),
-            encoder = plugins.join("json_batch.wasm").display(),
-            transport = plugins.join("meterit_http.wasm").display(),
+            encoder = plugin("json_batch").display(),
+            transport = plugin("meterit_http").display(),
         );
         let config_path = dir.join("sync.toml");
         std::fs::write(&config_path, text)?;
@@ -306,17 +277,8 @@ async fn steady_load(
 }
 
 fn main() -> Result<()> {
-    let mut rate = 10_000;
-    let mut seconds = 20;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--rate" => rate = args.next().context("--rate N")?.parse()?,
-            "--seconds" => seconds = args.next().context("--seconds N")?.parse()?,
-            // Other benchmarks' options, passed to every bench by cargo.
-            _ => {}
-        }
-    }
+    let rate = common::number("--rate", 10_000)?;
+    let seconds = common::number("--seconds", 20)? as u64;
     anyhow::ensure!(
         Path::new("/proc/self/stat").exists(),
         "this benchmark reads /proc (Linux)"
@@ -326,14 +288,7 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         let dir = tempfile::tempdir()?;
-        let server = Server::start(
-            "127.0.0.1:0".parse()?,
-            Options {
-                api_key: "bench".into(),
-                database: dir.path().join("client-system.db"),
-            },
-        )
-        .await?;
+        let server = client_system(dir.path(), "process").await?;
         let site = Site::new(dir.path(), &server)?;
 
         eprintln!("bench: start-up to the first batch…");
@@ -410,10 +365,7 @@ fn main() -> Result<()> {
             "steady_rss_after_mib": mib(load.rss_at_end_kib),
             "steady_drained_after_ms": ms(load.drained_after),
         });
-        let out = target_dir().join("bench");
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("process.json"), serde_json::to_vec_pretty(&json)?)?;
-        println!("written to {}", out.join("process.json").display());
+        common::write_json("process", &json)?;
         Ok(())
     })
 }

@@ -5,11 +5,10 @@
 //! Arguments: `--large N` (default 1000000) readings for the large backlog;
 //! `--postgres URL` to run on that PostgreSQL database instead of SQLite.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use client_system::{Options, Server};
+use client_system::Server;
 use syncd::config::Config;
 use syncd::queue::Queue;
 use syncd::queue::entities::sync_log as syncd_log;
@@ -19,11 +18,8 @@ const INGEST_REQUESTS: usize = 200;
 const READINGS_PER_REQUEST: usize = 1000;
 const SMALL_BACKLOG: usize = 10_000;
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
+mod common;
+use common::{client_system, plugin, post_all, reading, request_body};
 
 struct Bench {
     dir: tempfile::TempDir,
@@ -34,14 +30,7 @@ struct Bench {
 impl Bench {
     async fn new(postgres: Option<&str>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let client = Server::start(
-            "127.0.0.1:0".parse()?,
-            Options {
-                api_key: "bench".into(),
-                database: dir.path().join("client-system.db"),
-            },
-        )
-        .await?;
+        let client = client_system(dir.path(), "shared").await?;
         let database_url = match postgres {
             Some(url) => url.to_owned(),
             None => "sqlite://syncd.db".to_owned(),
@@ -60,18 +49,10 @@ impl Bench {
 
     /// A Client System of its own, storing into a new file.
     async fn fresh_client(&self, name: &str) -> Result<Server> {
-        Server::start(
-            "127.0.0.1:0".parse()?,
-            Options {
-                api_key: "bench".into(),
-                database: self.dir.path().join(format!("client-system-{name}.db")),
-            },
-        )
-        .await
+        client_system(self.dir.path(), name).await
     }
 
     async fn site_for(&self, name: &str, base_url: &str) -> Result<Config> {
-        let plugins = target_dir().join("plugins");
         let url = if self.database_url.starts_with("sqlite") {
             format!("sqlite://{name}.db")
         } else {
@@ -96,8 +77,8 @@ interval = "1h"
 batch_size = 1000
 "#,
             base = base_url,
-            encoder = plugins.join("json_batch.wasm").display(),
-            transport = plugins.join("meterit_http.wasm").display(),
+            encoder = plugin("json_batch").display(),
+            transport = plugin("meterit_http").display(),
         );
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text)?;
@@ -120,36 +101,6 @@ async fn empty_tables(config: &Config) -> Result<()> {
     Ok(())
 }
 
-fn reading(i: usize) -> NewReading {
-    NewReading {
-        meter_id: format!("elec-{:05}", i % 20_000),
-        channel: "import-kwh".into(),
-        timestamp_ms: 1_795_305_600_000 + (i as i64) * 1000,
-        value: 1000.0 + i as f64 * 0.125,
-        unit: "kWh".into(),
-        quality: "good".into(),
-        attributes: Vec::new(),
-    }
-}
-
-/// A request body of `n` readings as JSON (~110 bytes each).
-fn request_body(start: usize, n: usize) -> Vec<u8> {
-    let mut out = String::with_capacity(n * 120);
-    out.push('[');
-    for i in start..start + n {
-        if i > start {
-            out.push(',');
-        }
-        let r = reading(i);
-        out.push_str(&format!(
-            r#"{{"meter_id":"{}","channel":"{}","timestamp":{},"value":{},"unit":"kWh","quality":"good"}}"#,
-            r.meter_id, r.channel, r.timestamp_ms, r.value
-        ));
-    }
-    out.push(']');
-    out.into_bytes()
-}
-
 /// Readings/s of `POST /v1/readings`, two clients at a time.
 async fn ingest(bench: &Bench) -> Result<f64> {
     let config = bench.site("ingest").await?;
@@ -167,26 +118,7 @@ async fn ingest(bench: &Bench) -> Result<f64> {
         .map(|r| request_body(r * READINGS_PER_REQUEST, READINGS_PER_REQUEST))
         .collect();
     let started = Instant::now();
-    let mut lanes = Vec::new();
-    for lane in 0..2 {
-        let http = http.clone();
-        let url = url.clone();
-        let mine: Vec<Vec<u8>> = bodies.iter().skip(lane).step_by(2).cloned().collect();
-        lanes.push(tokio::spawn(async move {
-            for body in mine {
-                let response = http.post(&url).body(body).send().await?;
-                anyhow::ensure!(
-                    response.status().is_success(),
-                    "ingest answered {}",
-                    response.status()
-                );
-            }
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for lane in lanes {
-        lane.await??;
-    }
+    post_all(&url, &bodies).await?;
     let elapsed = started.elapsed();
     let _ = stop.send(());
     daemon.await??;
@@ -303,26 +235,10 @@ async fn drain(bench: &Bench, n: usize, run: usize) -> Result<Drain> {
     })
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    std::fs::create_dir_all(path.parent().context("a parent")?)?;
-    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
-    let large: usize = arg("--large")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
-    let postgres = arg("--postgres");
+    let large = common::number("--large", 1_000_000)?;
+    let postgres = common::argument("--postgres");
     let backend = if postgres.is_some() {
         "postgres"
     } else {
@@ -396,10 +312,6 @@ async fn main() -> Result<()> {
         "drain_ratio_large_over_small": big / small,
         "large_drain_head_and_tail_readings_per_s": big_drain.head_and_tail,
     });
-    let out = target_dir()
-        .join("bench")
-        .join(format!("queue-{backend}.json"));
-    write_json(&out, &json)?;
-    eprintln!("bench: wrote {}", out.display());
+    common::write_json(&format!("queue-{backend}"), &json)?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! code under two hashes, so only the reloads differ. Prints a table and writes
 //! `target/bench/reload.json`.
 //!
-//! Arguments: `--readings N` (default 300000) per throughput run; `--trials N`
+//! Arguments: `--reload-readings N` (default 300000) per throughput run; `--trials N`
 //! (default 3) latency measurements of each kind.
 
 use std::path::{Path, PathBuf};
@@ -14,30 +14,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use client_system::{Options, Server};
+use client_system::Server;
 use syncd::config::Config;
 use syncd::plugin::cache::sha256_hex;
 use syncd::queue::Queue;
 use syncd::reading::NewReading;
 use syncd::supervisor::RELOAD_DEBOUNCE;
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-fn argument(name: &str, default: usize) -> Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .context("a number after the flag")?
-            .parse()
-            .with_context(|| format!("{name} takes a number")),
-        None => Ok(default),
-    }
-}
+mod common;
+use common::{client_system, number, plugin};
 
 /// Writes `bytes` beside `path`, then renames it into place, as a deploy would.
 fn deploy(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -58,18 +43,9 @@ struct Site {
 impl Site {
     async fn new() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let client = Server::start(
-            "127.0.0.1:0".parse()?,
-            Options {
-                api_key: "bench".into(),
-                database: dir.path().join("client-system.db"),
-            },
-        )
-        .await?;
-        let plugins = target_dir().join("plugins");
+        let client = client_system(dir.path(), "reload").await?;
         let encoder = dir.path().join("encoder.wasm");
-        std::fs::copy(plugins.join("json_batch.wasm"), &encoder)
-            .context("run `cargo xtask plugins` first")?;
+        std::fs::copy(plugin("json_batch"), &encoder).context("run `cargo xtask plugins` first")?;
         let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let text = format!(
             "[site]\nid = \"bench\"\n[database]\nurl = \"sqlite://syncd.db\"\n[api]\nlisten = \"{api}\"\n\
@@ -77,7 +53,7 @@ impl Site {
              encoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = 1000\n",
             client.base_url(),
             encoder.display(),
-            plugins.join("meterit_http.wasm").display(),
+            plugin("meterit_http").display(),
         );
         let path = dir.path().join("sync.toml");
         std::fs::write(&path, text)?;
@@ -195,12 +171,11 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let readings = argument("--readings", 300_000)?;
-    let trials = argument("--trials", 3)?.max(1);
-    let plugins = target_dir().join("plugins");
+    let readings = number("--reload-readings", 300_000)?;
+    let trials = number("--trials", 3)?.max(1);
     // Two builds of the same encoder: what is measured is the reload, not a
     // difference between encoders.
-    let v1 = std::fs::read(plugins.join("json_batch.wasm"))?;
+    let v1 = std::fs::read(plugin("json_batch"))?;
     let v2 = variant(&v1, "b");
 
     let site = Site::new().await?;
@@ -285,8 +260,6 @@ async fn main() -> Result<()> {
         with_reloads / steady
     );
 
-    let out = target_dir().join("bench");
-    std::fs::create_dir_all(&out)?;
     let json = serde_json::json!({
         "debounce_ms": RELOAD_DEBOUNCE.as_millis() as u64,
         "trials": trials,
@@ -297,10 +270,6 @@ async fn main() -> Result<()> {
         "readings_per_s_with_reloads": with_reloads,
         "reloads_during_run": swaps,
     });
-    std::fs::write(
-        out.join("reload.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    println!("wrote {}", out.join("reload.json").display());
+    common::write_json("reload", &json)?;
     Ok(())
 }
