@@ -358,8 +358,16 @@ pub struct Worker {
     next_heartbeat_ms: i64,
     /// When the remote configuration is next downloaded.
     next_config_fetch_ms: i64,
+    /// The next batch's readings, read while the last full batch was being delivered.
+    read_ahead: Option<ReadAhead>,
     /// What it publishes about itself.
     status: SharedStatus,
+}
+
+/// Readings read ahead: the `rows` after id `after`.
+struct ReadAhead {
+    after: i64,
+    rows: Vec<QueuedReading>,
 }
 
 /// Why a wait ended.
@@ -447,6 +455,7 @@ impl Worker {
             reconnected: false,
             next_heartbeat_ms: now,
             next_config_fetch_ms: now,
+            read_ahead: None,
             status: Arc::new(std::sync::RwLock::new(status)),
         }
     }
@@ -901,6 +910,7 @@ impl Worker {
                 }
             }
             if let Some(batch) = self.queue.pending_batch(&self.name).await? {
+                self.read_ahead = None;
                 // A batch held back by an outage goes as soon as the Client System has
                 // answered since.
                 let held_by_outage =
@@ -914,16 +924,29 @@ impl Worker {
                 }
                 let readings = self.queue.batch_readings(&batch).await?;
                 self.attempt(batch, readings).await?;
-            } else if let Some((batch, readings)) = self
-                .queue
-                .new_batch(&self.name, self.policy.batch_size)
-                .await?
-            {
+            } else if let Some((batch, readings)) = self.new_batch().await? {
                 self.attempt(batch, readings).await?;
             } else {
                 return Ok(());
             }
         }
+    }
+
+    /// Records the next batch: the readings read ahead when they are still the next
+    /// ones and a full batch at the current size, else readings read now.
+    async fn new_batch(&mut self) -> Result<Option<(Batch, Vec<QueuedReading>)>> {
+        if let Some(ReadAhead { after, rows }) = self.read_ahead.take()
+            && rows.len() == self.policy.batch_size as usize
+            && let Some(batch) = self
+                .queue
+                .record_read_ahead(&self.name, after, &rows)
+                .await?
+        {
+            return Ok(Some((batch, rows)));
+        }
+        self.queue
+            .new_batch(&self.name, self.policy.batch_size)
+            .await
     }
 
     /// One attempt at a batch, and its consequence in the queue.
@@ -937,10 +960,29 @@ impl Worker {
         let started_at_ms = self.clock.now_ms();
         let clock = Instant::now();
         self.publish(|s| s.in_flight = Some(batch.id.clone()));
+        // A full batch suggests a backlog: the next batch's readings are read while
+        // this one is encoded and uploaded (the database and the network overlap).
+        let read_ahead = (readings.len() == self.policy.batch_size as usize).then(|| {
+            let (queue, after, size) = (
+                self.queue.clone(),
+                batch.last_reading_id,
+                self.policy.batch_size,
+            );
+            async move { (after, queue.readings_after(after, size).await) }
+        });
         let verdict = if readings.is_empty() {
             // Every reading of the range was deleted behind syncd's back (by an
             // operator): there is nothing left to deliver.
             Verdict::Accepted
+        } else if let Some(read_ahead) = read_ahead {
+            let (verdict, (after, rows)) =
+                tokio::join!(self.deliver(&batch, number, readings), read_ahead);
+            match rows {
+                Ok(rows) => self.read_ahead = Some(ReadAhead { after, rows }),
+                // Not an error of this batch: the next one is read the usual way.
+                Err(error) => debug!("reading ahead failed: {error:#}"),
+            }
+            verdict
         } else {
             self.deliver(&batch, number, readings).await
         };

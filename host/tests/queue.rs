@@ -444,3 +444,42 @@ async fn a_client_system_added_later_starts_after_what_was_queued(backend: Backe
     );
 }
 on_both_backends!(a_client_system_added_later_starts_after_what_was_queued);
+
+async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Backend, test: &str) {
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(10)).await.unwrap();
+    let (first, rows) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    assert_eq!(rows.len(), 4);
+
+    // Read ahead while the first batch is out: the next four.
+    let ahead = queue
+        .readings_after(first.last_reading_id, 4)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = ahead.iter().map(|r| r.id).collect();
+    let expected: Vec<i64> = (1..=4).map(|k| first.last_reading_id + k).collect();
+    assert_eq!(ids, expected);
+    let second = queue
+        .record_read_ahead("meterit", first.last_reading_id, &ahead)
+        .await
+        .unwrap()
+        .expect("still the next readings: recorded");
+    assert_eq!(
+        (second.first_reading_id, second.last_reading_id),
+        (expected[0], expected[3])
+    );
+
+    // Once batched past, the same read-ahead is refused and nothing is recorded twice.
+    assert!(
+        queue
+            .record_read_ahead("meterit", first.last_reading_id, &ahead)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (third, rest) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    assert_eq!(third.first_reading_id, second.last_reading_id + 1);
+    assert_eq!(rest.len(), 2);
+}
+on_both_backends!(readings_read_ahead_are_recorded_only_while_still_the_next);

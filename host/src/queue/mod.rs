@@ -363,40 +363,38 @@ impl Queue {
         size: u32,
     ) -> Result<Option<(Batch, Vec<QueuedReading>)>> {
         let txn = self.db.begin().await?;
-        let progress = client_system::Entity::find_by_id(client_system)
-            .one(&txn)
-            .await?
-            .with_context(|| format!("client system {client_system} is not registered"))?;
-        let rows = reading::Entity::find()
-            .filter(reading::Column::Id.gt(progress.batched_through))
-            .order_by_asc(reading::Column::Id)
-            .limit(u64::from(size))
-            .all(&txn)
-            .await?;
-        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        let progress = batched_through(&txn, client_system).await?;
+        let rows = select_after(&txn, progress, size).await?;
+        let Some(record) = record_batch(&txn, client_system, &rows).await? else {
             return Ok(None);
         };
-        let now = crate::clock::now_ms();
-        let record = batch::ActiveModel {
-            id: Set(uuid::Uuid::now_v7().to_string()),
-            client_system: Set(client_system.to_owned()),
-            first_reading_id: Set(first.id),
-            last_reading_id: Set(last.id),
-            reading_count: Set(rows.len() as i32),
-            attempts: Set(0),
-            next_attempt_at_ms: Set(now),
-            last_error: Set(None),
-            created_at_ms: Set(now),
-        }
-        .insert(&txn)
-        .await?;
-        client_system::Entity::update_many()
-            .col_expr(client_system::Column::BatchedThrough, Expr::value(last.id))
-            .filter(client_system::Column::Name.eq(client_system))
-            .exec(&txn)
-            .await?;
         txn.commit().await?;
-        Ok(Some((record, rows.into_iter().map(into_queued).collect())))
+        Ok(Some((record, rows)))
+    }
+
+    /// Up to `size` readings after id `after`, in queue order, read without recording
+    /// anything: the next batch, read ahead while the current one is being delivered.
+    /// Readings commit in the order of their ids (see [`Queue::ingest`]), so these stay
+    /// the next ones for as long as nothing is batched after `after`.
+    pub async fn readings_after(&self, after: i64, size: u32) -> Result<Vec<QueuedReading>> {
+        select_after(&self.db, after, size).await
+    }
+
+    /// Records the batch of `rows` read ahead by [`Queue::readings_after`], if the
+    /// Client System is still batched through `after` (else none: read them again).
+    pub async fn record_read_ahead(
+        &self,
+        client_system: &str,
+        after: i64,
+        rows: &[QueuedReading],
+    ) -> Result<Option<Batch>> {
+        let txn = self.db.begin().await?;
+        if batched_through(&txn, client_system).await? != after {
+            return Ok(None);
+        }
+        let record = record_batch(&txn, client_system, rows).await?;
+        txn.commit().await?;
+        Ok(record)
     }
 
     /// The readings of a recorded batch, in queue order.
@@ -724,6 +722,62 @@ async fn connect_and_migrate(options: ConnectOptions) -> Result<DatabaseConnecti
             Err((_, error)) => return Err(error),
         }
     }
+}
+
+/// How far a Client System has been batched: the last reading id in a batch for it.
+async fn batched_through(txn: &DatabaseTransaction, client_system: &str) -> Result<i64> {
+    Ok(client_system::Entity::find_by_id(client_system)
+        .one(txn)
+        .await?
+        .with_context(|| format!("client system {client_system} is not registered"))?
+        .batched_through)
+}
+
+/// Up to `size` readings after id `after`, in queue order.
+async fn select_after(
+    db: &impl ConnectionTrait,
+    after: i64,
+    size: u32,
+) -> Result<Vec<QueuedReading>> {
+    let rows = reading::Entity::find()
+        .filter(reading::Column::Id.gt(after))
+        .order_by_asc(reading::Column::Id)
+        .limit(u64::from(size))
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(into_queued).collect())
+}
+
+/// Records `rows` as a new batch for the Client System and moves its progress past
+/// them; none for no rows.
+async fn record_batch(
+    txn: &DatabaseTransaction,
+    client_system: &str,
+    rows: &[QueuedReading],
+) -> Result<Option<Batch>> {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(None);
+    };
+    let now = crate::clock::now_ms();
+    let record = batch::ActiveModel {
+        id: Set(uuid::Uuid::now_v7().to_string()),
+        client_system: Set(client_system.to_owned()),
+        first_reading_id: Set(first.id),
+        last_reading_id: Set(last.id),
+        reading_count: Set(rows.len() as i32),
+        attempts: Set(0),
+        next_attempt_at_ms: Set(now),
+        last_error: Set(None),
+        created_at_ms: Set(now),
+    }
+    .insert(txn)
+    .await?;
+    client_system::Entity::update_many()
+        .col_expr(client_system::Column::BatchedThrough, Expr::value(last.id))
+        .filter(client_system::Column::Name.eq(client_system))
+        .exec(txn)
+        .await?;
+    Ok(Some(record))
 }
 
 async fn insert_readings(txn: &DatabaseTransaction, readings: &[NewReading]) -> Result<()> {
