@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use client_system::Server;
 use sea_orm::sqlx::{self, Row, SqlitePool};
-use syncd::config::Config;
 use syncd::plugin::bindings::types;
 use syncd::plugin::{PluginContext, PluginEngine};
 
@@ -38,7 +37,7 @@ const PER_REQUEST: usize = 1000;
 const BATCH: usize = 1000;
 
 mod common;
-use common::{client_system, plugin, post_all, request_body};
+use common::{client_system, plugin, post_all, request_body, write_site};
 
 /// Request bodies holding readings `0..n`, `PER_REQUEST` each.
 fn bodies(n: usize) -> Vec<Vec<u8>> {
@@ -62,16 +61,14 @@ async fn syncd_run(
     n: usize,
 ) -> Result<Duration> {
     let server = client_system(dir, "syncd").await?;
-    let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let text = format!(
-        "[site]\nid = \"bench\"\n[database]\nurl = \"{database_url}\"\n[api]\nlisten = \"{api}\"\n[[client_system]]\nname = \"meterit\"\nbase_url = \"{}\"\napi_key = \"bench\"\nencoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = {BATCH}\n",
-        server.base_url(),
-        plugin("json_batch").display(),
-        plugin("meterit_http").display(),
-    );
-    let path = dir.join("syncd.toml");
-    std::fs::write(&path, text)?;
-    let config = Config::load(&path)?;
+    let config = write_site(
+        &dir.join("sync.toml"),
+        database_url,
+        &server.base_url(),
+        &plugin("json_batch"),
+        &format!("interval = \"50ms\"\nbatch_size = {BATCH}"),
+    )?;
+    let api = config.api.listen;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
         let _ = stopped.await;

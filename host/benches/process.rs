@@ -31,7 +31,7 @@ const BATCH: usize = 1000;
 const PER_REQUEST: usize = 100;
 
 mod common;
-use common::{client_system, plugin, reading, request_body};
+use common::{client_system, plugin, reading, request_body, write_site};
 
 /// One site: its folder, config and API address, delivering to `server`.
 struct Site {
@@ -43,33 +43,17 @@ struct Site {
 
 impl Site {
     fn new(dir: &Path, server: &Server) -> Result<Self> {
-        let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let text = format!(
-            r#"
-[site]
-id = "bench"
-[database]
-url = "sqlite://syncd.db"
-[api]
-listen = "{api}"
-[plugins]
-cache_dir = "plugin-cache"
-[[client_system]]
-name = "meterit"
-base_url = "{base}"
-api_key = "bench"
-encoder = "{encoder}"
-transport = "{transport}"
-interval = "1s"
-batch_size = {BATCH}
-"#,
-            base = server.base_url(),
-            encoder = plugin("json_batch").display(),
-            transport = plugin("meterit_http").display(),
-        );
         let config_path = dir.join("sync.toml");
-        std::fs::write(&config_path, text)?;
-        let config = Config::load(&config_path)?;
+        let config = write_site(
+            &config_path,
+            "sqlite://syncd.db",
+            &server.base_url(),
+            &plugin("json_batch"),
+            &format!(
+                "interval = \"1s\"\nbatch_size = {BATCH}\n[plugins]\ncache_dir = \"plugin-cache\""
+            ),
+        )?;
+        let api = config.api.listen;
         Ok(Self {
             dir: dir.to_owned(),
             config_path,

@@ -19,7 +19,7 @@ const READINGS_PER_REQUEST: usize = 1000;
 const SMALL_BACKLOG: usize = 10_000;
 
 mod common;
-use common::{client_system, plugin, post_all, reading, request_body};
+use common::{client_system, plugin, post_all, reading, request_body, write_site};
 
 struct Bench {
     dir: tempfile::TempDir,
@@ -58,31 +58,13 @@ impl Bench {
         } else {
             self.database_url.clone()
         };
-        let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let text = format!(
-            r#"
-[site]
-id = "bench"
-[database]
-url = "{url}"
-[api]
-listen = "{api}"
-[[client_system]]
-name = "meterit"
-base_url = "{base}"
-api_key = "bench"
-encoder = "{encoder}"
-transport = "{transport}"
-interval = "1h"
-batch_size = 1000
-"#,
-            base = base_url,
-            encoder = plugin("json_batch").display(),
-            transport = plugin("meterit_http").display(),
-        );
-        let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, text)?;
-        let config = Config::load(&path)?;
+        let config = write_site(
+            &self.dir.path().join(format!("{name}.toml")),
+            &url,
+            base_url,
+            &plugin("json_batch"),
+            "interval = \"1h\"\nbatch_size = 1000",
+        )?;
         if !url.starts_with("sqlite") {
             empty_tables(&config).await?;
         }

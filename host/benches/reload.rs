@@ -22,7 +22,7 @@ use syncd::reading::NewReading;
 use syncd::supervisor::RELOAD_DEBOUNCE;
 
 mod common;
-use common::{client_system, number, plugin};
+use common::{client_system, number, plugin, write_site};
 
 /// Writes `bytes` beside `path`, then renames it into place, as a deploy would.
 fn deploy(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -46,18 +46,13 @@ impl Site {
         let client = client_system(dir.path(), "reload").await?;
         let encoder = dir.path().join("encoder.wasm");
         std::fs::copy(plugin("json_batch"), &encoder).context("run `cargo xtask plugins` first")?;
-        let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let text = format!(
-            "[site]\nid = \"bench\"\n[database]\nurl = \"sqlite://syncd.db\"\n[api]\nlisten = \"{api}\"\n\
-             [[client_system]]\nname = \"bench\"\nbase_url = \"{}\"\napi_key = \"bench\"\n\
-             encoder = \"{}\"\ntransport = \"{}\"\ninterval = \"50ms\"\nbatch_size = 1000\n",
-            client.base_url(),
-            encoder.display(),
-            plugin("meterit_http").display(),
-        );
-        let path = dir.path().join("sync.toml");
-        std::fs::write(&path, text)?;
-        let config = Config::load(&path)?;
+        let config = write_site(
+            &dir.path().join("sync.toml"),
+            "sqlite://syncd.db",
+            &client.base_url(),
+            &encoder,
+            "interval = \"50ms\"\nbatch_size = 1000",
+        )?;
         Ok(Self {
             dir,
             client,

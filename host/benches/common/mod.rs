@@ -95,6 +95,29 @@ pub async fn client_system(dir: &Path, name: &str) -> Result<Server> {
     .await
 }
 
+/// Writes the config file `path` for a site whose queue is at `database_url` and whose API
+/// listens on a free loopback port, with one Client System, "meterit", at `base_url`
+/// using `encoder` and the `meterit_http` transport; `extra` goes at the end (more keys
+/// of the Client System's table, then other tables). Returns the loaded config.
+pub fn write_site(
+    path: &Path,
+    database_url: &str,
+    base_url: &str,
+    encoder: &Path,
+    extra: &str,
+) -> Result<syncd::config::Config> {
+    let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let text = format!(
+        "[site]\nid = \"bench\"\n[database]\nurl = \"{database_url}\"\n[api]\nlisten = \"{api}\"\n\
+         [[client_system]]\nname = \"meterit\"\nbase_url = \"{base_url}\"\napi_key = \"{API_KEY}\"\n\
+         encoder = \"{}\"\ntransport = \"{}\"\n{extra}\n",
+        encoder.display(),
+        plugin("meterit_http").display(),
+    );
+    std::fs::write(path, text)?;
+    Ok(syncd::config::Config::load(path)?)
+}
+
 /// The value after `--name` on the command line (cargo passes every benchmark all the
 /// arguments, so each takes its own and ignores the others).
 pub fn argument(name: &str) -> Option<String> {
