@@ -578,6 +578,11 @@ async fn the_api_token_is_enforced_and_no_secret_leaks() {
     assert!(daemon.0.wait().unwrap().success());
     let logs = std::fs::read_to_string(&log_path).unwrap()
         + &std::fs::read_to_string(site.dir.path().join("daemon.err")).unwrap();
+    // Written to a file, not a terminal: plain text, no colour codes.
+    assert!(
+        !logs.contains('\u{1b}'),
+        "escape codes in the log file:\n{logs}"
+    );
     assert!(
         logs.contains("batch delivered"),
         "the debug log was captured"

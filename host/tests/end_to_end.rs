@@ -223,3 +223,91 @@ async fn heartbeats_carry_the_queue_depth_and_last_success() {
     );
     assert_eq!(site.client().stats().await.unwrap().readings, 3);
 }
+
+/// The `json_batch` component (WIT 0.2.0, the batch in columns) writes every field of
+/// every reading: attributes on some readings and none on others, text that JSON must
+/// escape, non-ASCII text, empty strings.
+#[tokio::test]
+async fn json_batch_carries_every_field_of_every_reading() {
+    use syncd::plugin::bindings::types::{BatchInfo, Reading};
+    use syncd::plugin::{PluginContext, PluginEngine};
+
+    let reading = |id: u64, meter: &str, attributes: &[(&str, &str)]| Reading {
+        id,
+        meter_id: meter.into(),
+        channel: if id % 2 == 0 {
+            String::new()
+        } else {
+            "import-kwh".into()
+        },
+        timestamp_ms: 1_790_000_000_000 + id as i64,
+        value: id as f64 * -0.125,
+        unit: "m³".into(),
+        quality: if id == 3 {
+            String::new()
+        } else {
+            "good".into()
+        },
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+    };
+    let readings = [
+        reading(
+            1,
+            "élec-\"1\"",
+            &[("phase", "L1"), ("note", "a\\b\nc\u{1}")],
+        ),
+        reading(2, "water-2", &[]),
+        reading(3, "", &[("k", "")]),
+    ];
+    let info = BatchInfo {
+        batch_id: "b-1".into(),
+        site_id: "site-7".into(),
+        client_system: "cs".into(),
+        attempt: 1,
+    };
+    let context = PluginContext::new(
+        "site-7",
+        "cs",
+        "http://127.0.0.1:9/",
+        BTreeMap::new(),
+        None,
+        Duration::from_secs(1),
+        syncd::daemon::http_client().unwrap(),
+    )
+    .unwrap();
+    let mut encoder = PluginEngine::new()
+        .unwrap()
+        .load_encoder(&common::plugin("json_batch"), std::sync::Arc::new(context))
+        .await
+        .unwrap();
+    assert_eq!(encoder.info().wit_version, "0.2.0");
+    let encoded = encoder.encode(&info, &readings).await.unwrap().unwrap();
+    assert_eq!(encoded.reading_count, 3);
+
+    let document: serde_json::Value = serde_json::from_slice(&encoded.body).unwrap();
+    assert_eq!(document["batch_id"], "b-1");
+    assert_eq!(document["site_id"], "site-7");
+    let sent = document["readings"].as_array().unwrap();
+    assert_eq!(sent.len(), readings.len());
+    for (got, want) in sent.iter().zip(&readings) {
+        assert_eq!(got["id"], want.id);
+        assert_eq!(got["meter_id"], want.meter_id.as_str());
+        assert_eq!(got["channel"], want.channel.as_str());
+        assert_eq!(got["timestamp"], want.timestamp_ms);
+        assert_eq!(got["value"].as_f64(), Some(want.value));
+        assert_eq!(got["unit"], want.unit.as_str());
+        assert_eq!(got["quality"], want.quality.as_str());
+        let attributes: Vec<(String, String)> = got["attributes"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect();
+        let mut expected = want.attributes.clone();
+        expected.sort();
+        assert_eq!(attributes, expected, "attributes of reading {}", want.id);
+    }
+}
