@@ -294,6 +294,6 @@ async fn main() -> Result<()> {
         "drain_ratio_large_over_small": big / small,
         "large_drain_head_and_tail_readings_per_s": big_drain.head_and_tail,
     });
-    common::write_json(&format!("queue-{backend}"), &json)?;
+    common::write_json("queue", &json)?;
     Ok(())
 }

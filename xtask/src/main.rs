@@ -110,16 +110,7 @@ const BENCHES: &[&str] = &["queue", "reload", "e2e", "process"];
 fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
     plugins::build(ws)?;
     let out = ws.target.join("bench");
-    // The queue benchmark names its file after the database it ran on.
-    let queue = if extra.iter().any(|a| a == "--postgres") {
-        "queue-postgres"
-    } else {
-        "queue-sqlite"
-    };
-    let file = |name: &str| match name {
-        "queue" => out.join(format!("{queue}.json")),
-        name => out.join(format!("{name}.json")),
-    };
+    let file = |name: &str| out.join(format!("{name}.json"));
     for name in BENCHES {
         // A figure left from an earlier run must not pass for this run's.
         let _ = std::fs::remove_file(file(name));
