@@ -235,7 +235,7 @@ async fn json_batch_carries_every_field_of_every_reading() {
     let reading = |id: u64, meter: &str, attributes: &[(&str, &str)]| Reading {
         id,
         meter_id: meter.into(),
-        channel: if id % 2 == 0 {
+        channel: if id.is_multiple_of(2) {
             String::new()
         } else {
             "import-kwh".into()
