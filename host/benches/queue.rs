@@ -150,12 +150,11 @@ fn window_rate(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> f64 {
     readings as f64 / (span_ms as f64 / 1000.0)
 }
 
-async fn drain(bench: &Bench, n: usize, run: usize) -> Result<Drain> {
+async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
     // A Client System of its own, so that every drain delivers to a sink in the same
     // state (its store grows with what it receives).
-    let name = format!("drain-{n}-{run}");
-    let client = bench.fresh_client(&name).await?;
-    let config = bench.site_for(&name, &client.base_url()).await?;
+    let client = bench.fresh_client(name).await?;
+    let config = bench.site_for(name, &client.base_url()).await?;
     let queue = Queue::open_for(&config).await?;
     let chunk = 10_000;
     let mut queued = 0;
@@ -234,13 +233,17 @@ async fn main() -> Result<()> {
     let mut smalls = Vec::new();
     for run in 1..=3 {
         eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of 3…");
-        smalls.push(drain(&bench, SMALL_BACKLOG, run).await?.rate);
+        smalls.push(
+            drain(&bench, SMALL_BACKLOG, &format!("drain-small-{run}"))
+                .await?
+                .rate,
+        );
     }
     eprintln!("bench: small drains: {smalls:.0?} readings/s");
     smalls.sort_by(f64::total_cmp);
     let small = smalls[1];
     eprintln!("bench: drain, {large} queued…");
-    let big_drain = drain(&bench, large, 1).await?;
+    let big_drain = drain(&bench, large, "drain-large").await?;
     let big = big_drain.rate;
 
     println!("queue benchmark ({backend}, batches of 1000, release build, loopback)");
