@@ -254,8 +254,6 @@ async fn bounded<T>(
 
 /// What differs between the plugin worlds.
 pub trait World: Sized + Send + 'static {
-    /// The world's name in the WIT package, e.g. "encoder".
-    const NAME: &'static str;
     /// The world's name with its article, for messages: "an encoder".
     const ARTICLE_NAME: &'static str;
     /// The worlds accepted, fully named, for messages.
@@ -298,7 +296,6 @@ pub enum EncoderPre {
 }
 
 impl World for Encoder {
-    const NAME: &'static str = "encoder";
     const ARTICLE_NAME: &'static str = "an encoder";
     const WORLDS: &'static str = "world sync:plugin/encoder@0.2.0 or @0.1.0";
     type Pre = EncoderPre;
@@ -348,7 +345,6 @@ impl World for Encoder {
 }
 
 impl World for Transport {
-    const NAME: &'static str = "transport";
     const ARTICLE_NAME: &'static str = "a transport";
     const WORLDS: &'static str = "world sync:plugin/transport@0.1.0";
     type Pre = TransportPre<PluginState>;
