@@ -199,7 +199,7 @@ async fn floor_run(dir: &std::path::Path, bodies: &[Vec<u8>], n: usize) -> Resul
     let http = syncd::daemon::http_client()?;
     let token: serde_json::Value = http
         .post(format!("{}/auth", server.base_url()))
-        .json(&serde_json::json!({ "api_key": "bench" }))
+        .json(&serde_json::json!({ "api_key": common::API_KEY }))
         .send()
         .await?
         .json()
