@@ -98,7 +98,7 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Check plugins.
+    /// Write, check and try plugins.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
@@ -157,6 +157,67 @@ enum PluginCommand {
         /// The component (.wasm).
         file: PathBuf,
     },
+    /// Run a plugin outside any site and print what every export produced and what
+    /// the host would do with it: an encoder over sample readings (or a file's), a
+    /// transport against a Client System. Exits 1 if any call failed.
+    Test {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Readings to use: JSON lines, or CSV for a name ending in .csv (the formats
+        /// of `syncd enqueue`). By default, generated samples.
+        #[arg(long, value_name = "FILE")]
+        readings: Option<PathBuf>,
+        /// How many sample readings to generate.
+        #[arg(long, default_value_t = 4)]
+        count: usize,
+        /// The Client System a transport talks to: its base_url.
+        #[arg(long)]
+        url: Option<String>,
+        /// The API key a transport gets as the secret "api-key".
+        #[arg(long, env = "SYNCD_PLUGIN_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// A plugin setting, as in `[client_system.plugin]` (repeat for more).
+        #[arg(long = "setting", value_name = "KEY=VALUE", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
+        /// For a transport: upload what this encoder makes of the readings (by
+        /// default the batch as the json_batch encoder writes it).
+        #[arg(long, value_name = "FILE")]
+        encoder: Option<PathBuf>,
+        /// The site id the plugin is told.
+        #[arg(long, default_value = syncd::plugin::kit::TEST_SITE)]
+        site_id: String,
+        /// How much of an encoded body to print, in bytes.
+        #[arg(long, default_value_t = 4096)]
+        show_bytes: usize,
+    },
+    /// Write a new plugin crate, ready to build, test and change: NAME/ in the
+    /// current folder (or --dir).
+    New {
+        /// The crate's name: lower-case letters, digits, '_' and '-'.
+        name: String,
+        /// Which kind of plugin.
+        #[arg(long, value_enum)]
+        world: NewWorld,
+        /// Where to create the crate's folder.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NewWorld {
+    /// Turns a batch into bytes (WIT 0.2.0).
+    Encoder,
+    /// Delivers bytes to a Client System (WIT 0.1.0).
+    Transport,
+}
+
+/// `KEY=VALUE`.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 fn main() -> ExitCode {
@@ -231,6 +292,49 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => plugin_check(&file).await,
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    file,
+                    readings,
+                    count,
+                    url,
+                    api_key,
+                    settings,
+                    encoder,
+                    site_id,
+                    show_bytes,
+                },
+        } => {
+            let options = syncd::plugin::kit::TestOptions {
+                file,
+                readings,
+                count,
+                url,
+                api_key: api_key.map(syncd::config::Secret::new),
+                settings: settings.into_iter().collect(),
+                encoder,
+                site_id,
+                show_bytes,
+            };
+            let passed = syncd::plugin::kit::test(&options, &mut std::io::stdout().lock()).await?;
+            if !passed {
+                anyhow::bail!("the plugin failed some of its calls");
+            }
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::New { name, world, dir },
+        } => {
+            let world = match world {
+                NewWorld::Encoder => syncd::plugin::kit::NewWorld::Encoder,
+                NewWorld::Transport => syncd::plugin::kit::NewWorld::Transport,
+            };
+            let dir = syncd::plugin::kit::new_plugin(&name, world, &dir)?;
+            println!("created {}", dir.display());
+            println!("next: read its README.md; the walkthrough is in syncd's docs/plugins.md");
+            Ok(())
+        }
     }
 }
 
@@ -672,19 +776,8 @@ async fn plugin_check(file: &Path) -> Result<()> {
         Duration::from_secs(5),
         syncd::daemon::http_client()?,
     )?);
-    let as_encoder = engine.load_encoder(file, Arc::clone(&context)).await;
-    let (world, info) = match as_encoder {
-        Ok(plugin) => ("encoder", plugin.info().clone()),
-        Err(encoder_error) => match engine.load_transport(file, context).await {
-            Ok(plugin) => ("transport", plugin.info().clone()),
-            Err(transport_error) => {
-                anyhow::bail!(
-                    "{} is refused by this host.\n  as an encoder: {encoder_error:#}\n  as a transport: {transport_error:#}",
-                    file.display()
-                );
-            }
-        },
-    };
+    let loaded = syncd::plugin::kit::load_any(&engine, file, context).await?;
+    let (world, info) = (loaded.world(), loaded.info());
     println!("{}: accepted", file.display());
     println!("  world:       sync:plugin/{world}");
     println!("  name:        {}", info.name);

@@ -1,6 +1,9 @@
 //! Project tasks, run as `cargo xtask <task>`:
 //!
-//! - `plugins`: build every crate under `plugins/` into `target/plugins/<crate>.wasm`;
+//! - `plugins`: build every crate under `plugins/` into `target/plugins/<crate>.wasm`,
+//!   and the JavaScript plugins under `plugins/js/` (with npm);
+//! - `build-plugin DIR`: build the plugin crate in DIR (one of its own, as
+//!   `syncd plugin new` makes) into `DIR/<crate>.wasm`;
 //! - `test`: build the plugins, then run every test of the workspace;
 //! - `demo`: build everything, start the reference Client System and syncd with
 //!   `sync.toml`, enqueue sample readings, show them arriving, stop everything;
@@ -59,9 +62,13 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <plugins|test|demo|bench|reliability>
+const USAGE: &str = "usage: cargo xtask <plugins|build-plugin|test|demo|bench|reliability>
 
-  plugins   build every crate under plugins/ into target/plugins/<crate>.wasm
+  plugins   build every crate under plugins/ into target/plugins/<crate>.wasm,
+            and with npm the JavaScript plugins under plugins/js/
+  build-plugin DIR
+            build the plugin crate in DIR (made by `syncd plugin new`, say) into
+            DIR/<crate>.wasm
   test      build the plugins, then run every test of the workspace
   demo      run syncd against the reference Client System on loopback
   bench     build in release mode, run the benchmarks, print their figures and
@@ -79,6 +86,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = Workspace::locate().and_then(|ws| match args.first().map(String::as_str) {
         Some("plugins") => plugins::build(&ws).map(drop),
+        Some("build-plugin") => match &args[1..] {
+            [dir] => plugins::build_crate(&ws, std::path::Path::new(dir)).map(drop),
+            _ => bail!("usage: cargo xtask build-plugin DIR"),
+        },
         Some("test") => test(&ws, &args[1..]),
         Some("demo") => demo::run(&ws),
         Some("bench") => bench(&ws, &args[1..]),
@@ -288,8 +299,12 @@ fn reliability(ws: &Workspace, args: &[String]) -> Result<()> {
 /// Builds the plugins, then runs every test; extra arguments go to `cargo test`.
 fn test(ws: &Workspace, extra: &[String]) -> Result<()> {
     plugins::build(ws)?;
+    // The plugin kit's test follows the walkthrough of docs/plugins.md, which builds a
+    // new plugin with this xtask's `build-plugin`.
+    let xtask = std::env::current_exe().context("failed to locate the xtask binary")?;
     run(Command::new(&ws.cargo)
         .current_dir(&ws.root)
         .args(["test", "--workspace", "--locked"])
+        .env("SYNCD_XTASK", xtask)
         .args(extra))
 }

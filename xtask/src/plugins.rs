@@ -17,21 +17,70 @@ use crate::{Workspace, run};
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
-/// Builds every plugin and returns the paths of the components written.
+/// Builds every plugin and returns the paths of the components written: the Rust
+/// crates of the plugins workspace, then the JavaScript plugins under `plugins/js/`
+/// (when npm is installed; without it they are skipped with a warning).
 pub fn build(ws: &Workspace) -> Result<Vec<PathBuf>> {
     let plugins_dir = ws.root.join("plugins");
-    let wasm_target_dir = ws.target.join("wasm-build");
     let out_dir = ws.target.join("plugins");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("failed to create {}", out_dir.display()))?;
 
+    let mut cargo = wasm_cargo(ws)?;
+    cargo.current_dir(&plugins_dir).arg("--locked");
+    run(&mut cargo).context("failed to build the plugins for wasm32")?;
+
+    let mut written = Vec::new();
+    for name in plugin_crates(&plugins_dir)? {
+        let out = out_dir.join(format!("{name}.wasm"));
+        componentize_crate(ws, &name, &out)?;
+        written.push(out);
+    }
+    written.extend(javascript::build(&plugins_dir.join("js"), &out_dir)?);
+    Ok(written)
+}
+
+/// Builds one plugin crate of its own (not a member of the plugins workspace, e.g. made
+/// by `syncd plugin new`) into a component at `<dir>/<crate>.wasm`, and returns that path.
+pub fn build_crate(ws: &Workspace, dir: &Path) -> Result<PathBuf> {
+    let manifest = dir.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).with_context(|| {
+        format!(
+            "no plugin crate at {}: failed to read {}",
+            dir.display(),
+            manifest.display()
+        )
+    })?;
+    let name = text
+        .lines()
+        .find_map(|l| {
+            let value = l
+                .trim()
+                .strip_prefix("name")?
+                .trim_start()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_owned())
+        })
+        .with_context(|| format!("{} names no package", manifest.display()))?
+        .replace('-', "_");
+    let mut cargo = wasm_cargo(ws)?;
+    run(cargo.current_dir(dir))
+        .with_context(|| format!("failed to build {} for wasm32", dir.display()))?;
+    let out = dir.join(format!("{name}.wasm"));
+    componentize_crate(ws, &name, &out)?;
+    Ok(out)
+}
+
+/// `cargo build --release --target wasm32-unknown-unknown` into the shared wasm
+/// target directory, with rustup's target when it is installed and otherwise with the
+/// provisioned fallback toolchain; the caller sets the folder it runs in.
+fn wasm_cargo(ws: &Workspace) -> Result<Command> {
     let sysroot = rustup_sysroot()?;
     let mut cargo = Command::new(&ws.cargo);
     cargo
-        .current_dir(&plugins_dir)
-        .args(["build", "--release", "--locked", "--target", WASM_TARGET])
+        .args(["build", "--release", "--target", WASM_TARGET])
         .arg("--target-dir")
-        .arg(&wasm_target_dir)
+        .arg(wasm_target_dir(ws))
         // The outer `cargo run` sets these for the xtask itself; they must not leak
         // into the plugin build.
         .env_remove("CARGO_TARGET_DIR")
@@ -70,25 +119,29 @@ pub fn build(ws: &Workspace) -> Result<Vec<PathBuf>> {
                 toml_string(&lld.to_string_lossy())
             ));
     }
-    run(&mut cargo).context("failed to build the plugins for wasm32")?;
+    Ok(cargo)
+}
 
-    let mut written = Vec::new();
-    for name in plugin_crates(&plugins_dir)? {
-        let module_path = wasm_target_dir
-            .join(WASM_TARGET)
-            .join("release")
-            .join(format!("{name}.wasm"));
-        let module = std::fs::read(&module_path)
-            .with_context(|| format!("failed to read {}", module_path.display()))?;
-        let component = componentize(&module)
-            .with_context(|| format!("failed to make a component of {}", module_path.display()))?;
-        let out = out_dir.join(format!("{name}.wasm"));
-        std::fs::write(&out, &component)
-            .with_context(|| format!("failed to write {}", out.display()))?;
-        eprintln!("xtask: {} ({} KiB)", out.display(), component.len() / 1024);
-        written.push(out);
-    }
-    Ok(written)
+/// Every wasm build shares one target directory, so the standard library built from
+/// source is built once.
+fn wasm_target_dir(ws: &Workspace) -> PathBuf {
+    ws.target.join("wasm-build")
+}
+
+/// The core module cargo built for crate `name`, made a component at `out`.
+fn componentize_crate(ws: &Workspace, name: &str, out: &Path) -> Result<()> {
+    let module_path = wasm_target_dir(ws)
+        .join(WASM_TARGET)
+        .join("release")
+        .join(format!("{name}.wasm"));
+    let module = std::fs::read(&module_path)
+        .with_context(|| format!("failed to read {}", module_path.display()))?;
+    let component = componentize(&module)
+        .with_context(|| format!("failed to make a component of {}", module_path.display()))?;
+    std::fs::write(out, &component)
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    eprintln!("xtask: {} ({} KiB)", out.display(), component.len() / 1024);
+    Ok(())
 }
 
 /// Wraps a core module (with its embedded WIT type information) into a component.
@@ -275,5 +328,104 @@ mod fallback {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+mod javascript {
+    //! Plugins written in JavaScript, one npm package a folder under `plugins/js/`, each
+    //! with a `build` script (componentize-js) that writes `<folder>.wasm` beside it.
+
+    use super::*;
+
+    /// Builds every JavaScript plugin that changed since its last build; nothing (with
+    /// a warning) when npm is not installed.
+    pub fn build(js_dir: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut folders = Vec::new();
+        if js_dir.is_dir() {
+            for entry in std::fs::read_dir(js_dir)? {
+                let path = entry?.path();
+                if path.join("package.json").is_file() {
+                    folders.push(path);
+                }
+            }
+        }
+        folders.sort();
+        if folders.is_empty() {
+            return Ok(Vec::new());
+        }
+        if Command::new("npm").arg("--version").output().is_err() {
+            eprintln!(
+                "xtask: warning: npm is not installed; the JavaScript plugins under {} are not built \
+                 (install Node.js and npm: apt-get install nodejs npm)",
+                js_dir.display()
+            );
+            return Ok(Vec::new());
+        }
+        let mut written = Vec::new();
+        for folder in folders {
+            let name = folder
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("a plugin folder has a UTF-8 name")?
+                .to_owned();
+            let built = folder.join(format!("{name}.wasm"));
+            let installed = folder.join("node_modules/.package-lock.json");
+            if newest(&folder.join("package-lock.json"))? > modified(&installed) {
+                eprintln!("xtask: npm ci in {}", folder.display());
+                run(Command::new("npm").current_dir(&folder).args([
+                    "ci",
+                    "--no-audit",
+                    "--no-fund",
+                ]))
+                .with_context(|| format!("npm ci failed in {}", folder.display()))?;
+            }
+            let sources = newest(&folder)?.max(newest(&js_dir.join("../../wit"))?);
+            if sources > modified(&built) {
+                eprintln!("xtask: componentize-js in {}", folder.display());
+                run(Command::new("npm")
+                    .current_dir(&folder)
+                    .args(["run", "--silent", "build"]))
+                .with_context(|| format!("npm run build failed in {}", folder.display()))?;
+            }
+            let out = out_dir.join(format!("{name}.wasm"));
+            std::fs::copy(&built, &out).with_context(|| {
+                format!(
+                    "the build script of {} wrote no {}",
+                    folder.display(),
+                    built.display()
+                )
+            })?;
+            eprintln!(
+                "xtask: {} ({} KiB)",
+                out.display(),
+                std::fs::metadata(&out)?.len() / 1024
+            );
+            written.push(out);
+        }
+        Ok(written)
+    }
+
+    /// When `path` was last modified; the epoch when it does not exist.
+    fn modified(path: &Path) -> std::time::SystemTime {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+    }
+
+    /// The latest modification of `path` or, for a folder, of any source file in it
+    /// (node_modules and built components aside).
+    fn newest(path: &Path) -> Result<std::time::SystemTime> {
+        let mut latest = modified(path);
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                let entry = entry?.path();
+                let skip = entry.file_name().is_some_and(|n| n == "node_modules")
+                    || entry.extension().is_some_and(|e| e == "wasm");
+                if !skip {
+                    latest = latest.max(newest(&entry)?);
+                }
+            }
+        }
+        Ok(latest)
     }
 }

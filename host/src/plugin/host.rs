@@ -37,6 +37,9 @@ pub struct PluginContext {
     pub http: reqwest::Client,
     /// Deadline of one request, in ms (a remote configuration may change it).
     request_timeout_ms: AtomicU64,
+    /// Whether each call's requests are listed in its [`HttpTally`] (for
+    /// `syncd plugin test`; the daemon only counts them).
+    list_requests: bool,
 }
 
 impl PluginContext {
@@ -66,7 +69,14 @@ impl PluginContext {
             api_key,
             http,
             request_timeout_ms: AtomicU64::new(request_timeout.as_millis() as u64),
+            list_requests: false,
         })
+    }
+
+    /// Lists every request of a call, with its answer, in the call's [`HttpTally`].
+    pub fn listing_requests(mut self) -> Self {
+        self.list_requests = true;
+        self
     }
 
     /// Deadline of one request.
@@ -116,6 +126,9 @@ pub struct HttpTally {
     pub unreachable: u32,
     /// The last of those failures, described.
     pub last_failure: Option<String>,
+    /// Each request and what it got, e.g. "POST http://…/api/auth → 200 (3 ms)", when
+    /// the context lists requests.
+    pub requests: Vec<String>,
 }
 
 impl HttpTally {
@@ -165,7 +178,23 @@ impl types::Host for PluginState {}
 impl http::Host for PluginState {
     async fn send(&mut self, req: http::Request) -> Result<http::Response, http::HttpError> {
         let context = Arc::clone(&self.context);
+        let listed = context.list_requests.then(|| {
+            let url = context
+                .resolve_url(&req.url)
+                .map_or_else(|_| req.url.clone(), String::from);
+            (format!("{} {url}", req.method), std::time::Instant::now())
+        });
         let result = send(&context, req).await;
+        if let Some((request, started)) = listed {
+            let answer = match &result {
+                Ok(response) => format!("{}", response.status),
+                Err(error) => format!("{error:?}"),
+            };
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            self.tally
+                .requests
+                .push(format!("{request} → {answer} ({ms:.1} ms)"));
+        }
         match &result {
             Ok(_) => self.tally.responses += 1,
             Err(http::HttpError::Connect(m)) => {

@@ -3,6 +3,7 @@
 pub mod bindings;
 pub mod cache;
 pub mod host;
+pub mod kit;
 pub mod output;
 pub mod runtime;
 
