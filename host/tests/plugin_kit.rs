@@ -231,13 +231,15 @@ struct Received {
     body: Vec<u8>,
 }
 
+/// An answer the test server gives: status, headers, body.
+type Answer = (StatusCode, Vec<(&'static str, &'static str)>, &'static str);
+
 /// A Client System that is not the reference one: answers each request with the
 /// status its path is given (200 otherwise) and keeps what it received.
 #[derive(Clone, Default)]
 struct Recorder {
     received: Arc<Mutex<Vec<Received>>>,
-    answers:
-        Arc<Mutex<BTreeMap<String, (StatusCode, Vec<(&'static str, &'static str)>, &'static str)>>>,
+    answers: Arc<Mutex<BTreeMap<String, Answer>>>,
 }
 
 impl Recorder {

@@ -468,7 +468,15 @@ impl Report<'_> {
 pub fn sample_readings(n: usize) -> Vec<types::Reading> {
     /// 2026-01-01T00:00:00Z.
     const START_MS: i64 = 1_767_225_600_000;
-    let kinds: [(&str, &str, &str, f64, &[(&str, &str)]); 4] = [
+    /// Meter, channel, unit, first value, attributes.
+    type Kind = (
+        &'static str,
+        &'static str,
+        &'static str,
+        f64,
+        &'static [(&'static str, &'static str)],
+    );
+    let kinds: [Kind; 4] = [
         (
             "elec-0001",
             "import-kwh",
