@@ -298,6 +298,12 @@ fn reliability(ws: &Workspace, args: &[String]) -> Result<()> {
 
 /// Builds the plugins, then runs every test; extra arguments go to `cargo test`.
 fn test(ws: &Workspace, extra: &[String]) -> Result<()> {
+    if Command::new("npm").arg("--version").output().is_err() {
+        bail!(
+            "the tests need npm, to build the JavaScript plugin under plugins/js/ \
+             (Debian: apt-get install nodejs npm)"
+        );
+    }
     plugins::build(ws)?;
     // The plugin kit's test follows the walkthrough of docs/plugins.md, which builds a
     // new plugin with this xtask's `build-plugin`.

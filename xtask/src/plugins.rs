@@ -138,8 +138,13 @@ fn componentize_crate(ws: &Workspace, name: &str, out: &Path) -> Result<()> {
         .with_context(|| format!("failed to read {}", module_path.display()))?;
     let component = componentize(&module)
         .with_context(|| format!("failed to make a component of {}", module_path.display()))?;
-    std::fs::write(out, &component)
-        .with_context(|| format!("failed to write {}", out.display()))?;
+    // Beside it, then renamed into place: a daemon watching the file never reads half
+    // of it.
+    let partial = out.with_extension("wasm.partial");
+    std::fs::write(&partial, &component)
+        .with_context(|| format!("failed to write {}", partial.display()))?;
+    std::fs::rename(&partial, out)
+        .with_context(|| format!("failed to rename {} into place", partial.display()))?;
     eprintln!("xtask: {} ({} KiB)", out.display(), component.len() / 1024);
     Ok(())
 }
