@@ -375,6 +375,12 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if std::env::args().any(|a| a == "--encoder-only") {
+        // For work on the encoder: its figures alone, printed, no JSON written.
+        let (native, wasm, boundary) = runtime.block_on(encoder_costs())?;
+        print_encoder(native, wasm, boundary);
+        return Ok(());
+    }
     runtime.block_on(async {
         let dir = tempfile::tempdir()?;
         let bodies = bodies(n);
@@ -418,24 +424,7 @@ fn main() -> Result<()> {
             }
             None => println!("end to end on PostgreSQL: skipped, no server answered"),
         }
-        println!("encoder, one batch of 1000 readings");
-        println!(
-            "  native json_batch        {:>10.1} µs",
-            native.as_secs_f64() * 1e6
-        );
-        println!(
-            "  WASM json_batch          {:>10.1} µs",
-            wasm.as_secs_f64() * 1e6
-        );
-        println!(
-            "  WASM / native            {:>10.2}",
-            wasm.as_secs_f64() / native.as_secs_f64()
-        );
-        println!(
-            "  passing the readings in  {:>10.1} µs ({:.0}% of the WASM call)",
-            boundary.as_secs_f64() * 1e6,
-            100.0 * boundary.as_secs_f64() / wasm.as_secs_f64()
-        );
+        print_encoder(native, wasm, boundary);
         let json = serde_json::json!({
             "readings": n,
             "syncd_readings_per_s": syncd,
@@ -450,4 +439,26 @@ fn main() -> Result<()> {
         common::write_json("e2e", &json)?;
         Ok(())
     })
+}
+
+/// The encoder's figures, as a table.
+fn print_encoder(native: Duration, wasm: Duration, boundary: Duration) {
+    println!("encoder, one batch of 1000 readings");
+    println!(
+        "  native json_batch        {:>10.1} µs",
+        native.as_secs_f64() * 1e6
+    );
+    println!(
+        "  WASM json_batch          {:>10.1} µs",
+        wasm.as_secs_f64() * 1e6
+    );
+    println!(
+        "  WASM / native            {:>10.2}",
+        wasm.as_secs_f64() / native.as_secs_f64()
+    );
+    println!(
+        "  passing the readings in  {:>10.1} µs ({:.0}% of the WASM call)",
+        boundary.as_secs_f64() * 1e6,
+        100.0 * boundary.as_secs_f64() / wasm.as_secs_f64()
+    );
 }
