@@ -69,7 +69,8 @@ const USAGE: &str = "usage: cargo xtask <plugins|build-plugin|test|demo|bench|re
   build-plugin DIR
             build the plugin crate in DIR (made by `syncd plugin new`, say) into
             DIR/<crate>.wasm
-  test      build the plugins, then run every test of the workspace
+  test      build the plugins, run their own tests natively, then every test
+            of the workspace
   demo      run syncd against the reference Client System on loopback
   bench     build in release mode, run the benchmarks, print their figures and
             gather them into target/bench/bench.json (options: --readings N
@@ -305,6 +306,13 @@ fn test(ws: &Workspace, extra: &[String]) -> Result<()> {
         );
     }
     plugins::build(ws)?;
+    // The plugins' own tests, natively: their logic without the host.
+    run(Command::new(&ws.cargo)
+        .current_dir(ws.root.join("plugins"))
+        .args(["test", "--workspace", "--locked", "--target-dir"])
+        .arg(ws.target.join("plugins-native"))
+        .env_remove("CARGO_TARGET_DIR"))
+    .context("the plugins' own tests failed")?;
     // The plugin kit's test follows the walkthrough of docs/plugins.md, which builds a
     // new plugin with this xtask's `build-plugin`.
     let xtask = std::env::current_exe().context("failed to locate the xtask binary")?;

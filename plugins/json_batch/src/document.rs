@@ -46,16 +46,16 @@ pub fn encode_document(
         if i > 0 {
             out.push(',');
         }
-        // Writing into a String cannot fail.
-        let _ = write!(out, "{{\"id\":{},\"meter_id\":", readings.ids[i]);
+        out.push_str("{\"id\":");
+        push_u64(&mut out, readings.ids[i]);
+        out.push_str(",\"meter_id\":");
         push_str(&mut out, meter_ids.get(i)?);
         out.push_str(",\"channel\":");
         push_str(&mut out, channels.get(i)?);
-        let _ = write!(
-            out,
-            ",\"timestamp\":{},\"value\":{}",
-            readings.timestamps_ms[i], readings.values[i]
-        );
+        out.push_str(",\"timestamp\":");
+        push_i64(&mut out, readings.timestamps_ms[i]);
+        out.push_str(",\"value\":");
+        push_f64(&mut out, readings.values[i]);
         out.push_str(",\"unit\":");
         push_str(&mut out, units.get(i)?);
         out.push_str(",\"quality\":");
@@ -114,8 +114,19 @@ impl<'a> Column<'a> {
 /// Appends `s` as a JSON string literal.
 fn push_str(out: &mut String, s: &str) {
     out.push('"');
+    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Eight bytes at a time while none needs escaping: most text needs none.
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            if !needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
         let escape = match b {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -123,7 +134,10 @@ fn push_str(out: &mut String, s: &str) {
             b'\r' => "\\r",
             b'\t' => "\\t",
             0..=0x1f => "",
-            _ => continue,
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.push_str(&s[start..i]);
         if escape.is_empty() {
@@ -131,8 +145,183 @@ fn push_str(out: &mut String, s: &str) {
         } else {
             out.push_str(escape);
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Whether any of the eight bytes of `word` is a control character, `"` or `\`.
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
+    below_space
+        || zero_byte(word ^ (ONES * u64::from(b'"')))
+        || zero_byte(word ^ (ONES * u64::from(b'\\')))
+}
+
+/// Appends `v` in decimal.
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+}
+
+/// Appends `v` in decimal.
+fn push_i64(out: &mut String, v: i64) {
+    if v < 0 {
+        out.push('-');
+    }
+    push_u64(out, v.unsigned_abs());
+}
+
+/// Below this magnitude, a value with at most three decimals is the only such decimal
+/// that reads back as it: an f64's spacing there is under 0.001.
+const SHORT_DECIMAL_LIMIT: f64 = (1u64 << 42) as f64;
+
+/// Appends `v` as Rust's `Display` writes it (the shortest decimal that reads back as
+/// `v`, without an exponent). Meter values mostly have at most three decimals: those
+/// are written with integer arithmetic, the rest by `Display`.
+fn push_f64(out: &mut String, v: f64) {
+    if v == 0.0 {
+        out.push_str(if v.is_sign_negative() { "-0" } else { "0" });
+        return;
+    }
+    if v.abs() < SHORT_DECIMAL_LIMIT {
+        let thousandths = (v * 1000.0).round();
+        if thousandths / 1000.0 == v {
+            let m = thousandths as i64;
+            if m < 0 {
+                out.push('-');
+            }
+            let m = m.unsigned_abs();
+            push_u64(out, m / 1000);
+            let mut fraction = m % 1000;
+            if fraction != 0 {
+                let mut width = 3;
+                while fraction % 10 == 0 {
+                    fraction /= 10;
+                    width -= 1;
+                }
+                out.push('.');
+                for _ in 0..width - digits(fraction) {
+                    out.push('0');
+                }
+                push_u64(out, fraction);
+            }
+            return;
+        }
+    }
+    let _ = write!(out, "{v}");
+}
+
+/// How many decimal digits `v` (under 1000) has.
+fn digits(v: u64) -> usize {
+    match v {
+        0..=9 => 1,
+        10..=99 => 2,
+        _ => 3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_written_as_display_writes_them() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            0.125,
+            0.001,
+            0.01,
+            0.1,
+            0.2,
+            0.3,
+            1.005,
+            12345.5,
+            -2.5,
+            100.0,
+            1e-7,
+            1e21,
+            0.1 + 0.2,
+            4.4e12,
+            4.3e12 + 0.125,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let thousandths = (x % 2_000_000_000) as f64 - 1e9;
+            values.push(thousandths / 1000.0);
+            values.push(thousandths / 100.0);
+            values.push(f64::from_bits(x >> 2));
+        }
+        for v in values {
+            let mut out = String::new();
+            push_f64(&mut out, v);
+            assert_eq!(out, format!("{v}"), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn integers_and_escapes() {
+        for v in [0, 7, 10, 99, 1000, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, v);
+            assert_eq!(out, v.to_string());
+        }
+        let mut out = String::new();
+        push_i64(&mut out, i64::MIN);
+        assert_eq!(out, i64::MIN.to_string());
+        for text in [
+            "",
+            "plain",
+            "eight ch",
+            "a longer text, no escapes",
+            "q\"uote",
+            "back\\slash\there",
+            "ctl\u{1}x",
+            "Zürich \"Nord\"\n",
+        ] {
+            let mut out = String::new();
+            push_str(&mut out, text);
+            let expected: String = {
+                let mut e = String::from("\"");
+                for c in text.chars() {
+                    match c {
+                        '"' => e.push_str("\\\""),
+                        '\\' => e.push_str("\\\\"),
+                        '\n' => e.push_str("\\n"),
+                        '\r' => e.push_str("\\r"),
+                        '\t' => e.push_str("\\t"),
+                        c if (c as u32) < 0x20 => e.push_str(&format!("\\u{:04x}", c as u32)),
+                        c => e.push(c),
+                    }
+                }
+                e.push('"');
+                e
+            };
+            assert_eq!(out, expected, "{text:?}");
+        }
+    }
 }
