@@ -112,7 +112,7 @@ impl<'a> Column<'a> {
 }
 
 /// Appends `s` as a JSON string literal.
-fn push_str(out: &mut String, s: &str) {
+pub(crate) fn push_str(out: &mut String, s: &str) {
     out.push('"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -164,7 +164,7 @@ fn needs_escape(word: u64) -> bool {
 }
 
 /// Appends `v` in decimal.
-fn push_u64(out: &mut String, mut v: u64) {
+pub(crate) fn push_u64(out: &mut String, mut v: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -180,7 +180,7 @@ fn push_u64(out: &mut String, mut v: u64) {
 }
 
 /// Appends `v` in decimal.
-fn push_i64(out: &mut String, v: i64) {
+pub(crate) fn push_i64(out: &mut String, v: i64) {
     if v < 0 {
         out.push('-');
     }
@@ -194,7 +194,7 @@ const SHORT_DECIMAL_LIMIT: f64 = (1u64 << 42) as f64;
 /// Appends `v` as Rust's `Display` writes it (the shortest decimal that reads back as
 /// `v`, without an exponent). Meter values mostly have at most three decimals: those
 /// are written with integer arithmetic, the rest by `Display`.
-fn push_f64(out: &mut String, v: f64) {
+pub(crate) fn push_f64(out: &mut String, v: f64) {
     if v == 0.0 {
         out.push_str(if v.is_sign_negative() { "-0" } else { "0" });
         return;
@@ -211,7 +211,7 @@ fn push_f64(out: &mut String, v: f64) {
             let mut fraction = m % 1000;
             if fraction != 0 {
                 let mut width = 3;
-                while fraction % 10 == 0 {
+                while fraction.is_multiple_of(10) {
                     fraction /= 10;
                     width -= 1;
                 }
@@ -233,95 +233,5 @@ fn digits(v: u64) -> usize {
         0..=9 => 1,
         10..=99 => 2,
         _ => 3,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_are_written_as_display_writes_them() {
-        let mut values = vec![
-            0.0,
-            -0.0,
-            1.0,
-            -1.0,
-            0.5,
-            0.125,
-            0.001,
-            0.01,
-            0.1,
-            0.2,
-            0.3,
-            1.005,
-            12345.5,
-            -2.5,
-            100.0,
-            1e-7,
-            1e21,
-            0.1 + 0.2,
-            4.4e12,
-            4.3e12 + 0.125,
-            f64::MAX,
-            f64::MIN_POSITIVE,
-        ];
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for _ in 0..200_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let thousandths = (x % 2_000_000_000) as f64 - 1e9;
-            values.push(thousandths / 1000.0);
-            values.push(thousandths / 100.0);
-            values.push(f64::from_bits(x >> 2));
-        }
-        for v in values {
-            let mut out = String::new();
-            push_f64(&mut out, v);
-            assert_eq!(out, format!("{v}"), "{v:?}");
-        }
-    }
-
-    #[test]
-    fn integers_and_escapes() {
-        for v in [0, 7, 10, 99, 1000, u64::MAX] {
-            let mut out = String::new();
-            push_u64(&mut out, v);
-            assert_eq!(out, v.to_string());
-        }
-        let mut out = String::new();
-        push_i64(&mut out, i64::MIN);
-        assert_eq!(out, i64::MIN.to_string());
-        for text in [
-            "",
-            "plain",
-            "eight ch",
-            "a longer text, no escapes",
-            "q\"uote",
-            "back\\slash\there",
-            "ctl\u{1}x",
-            "Zürich \"Nord\"\n",
-        ] {
-            let mut out = String::new();
-            push_str(&mut out, text);
-            let expected: String = {
-                let mut e = String::from("\"");
-                for c in text.chars() {
-                    match c {
-                        '"' => e.push_str("\\\""),
-                        '\\' => e.push_str("\\\\"),
-                        '\n' => e.push_str("\\n"),
-                        '\r' => e.push_str("\\r"),
-                        '\t' => e.push_str("\\t"),
-                        c if (c as u32) < 0x20 => e.push_str(&format!("\\u{:04x}", c as u32)),
-                        c => e.push(c),
-                    }
-                }
-                e.push('"');
-                e
-            };
-            assert_eq!(out, expected, "{text:?}");
-        }
     }
 }

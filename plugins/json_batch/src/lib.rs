@@ -45,3 +45,6 @@ export!(JsonBatch);
 
 mod document;
 pub use document::encode_document;
+
+#[cfg(test)]
+mod tests;
