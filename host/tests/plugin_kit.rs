@@ -497,7 +497,8 @@ async fn the_javascript_encoder_writes_every_reading_as_csv() {
         Duration::from_secs(5),
         syncd::daemon::http_client().unwrap(),
     )
-    .unwrap();
+    .unwrap()
+    .listing_requests();
     let mut encoder = engine.load_encoder(&file, Arc::new(context)).await.unwrap();
     assert_eq!(encoder.info().name, "csv-js");
     assert_eq!(encoder.info().wit_version, "0.2.0");
@@ -511,6 +512,11 @@ async fn the_javascript_encoder_writes_every_reading_as_csv() {
     };
     let batch = encoder.encode(&info, &readings).await.unwrap().unwrap();
     assert_eq!(batch.reading_count, 9);
+    // What it printed with console.log reaches the host.
+    assert_eq!(
+        encoder.last_tally().printed,
+        ["stdout: batch b-js: 9 readings as CSV"]
+    );
     assert!(batch.content_type.starts_with("text/csv"));
     let mut csv = csv::Reader::from_reader(batch.body.as_slice());
     let rows: Vec<csv::StringRecord> = csv.records().map(Result::unwrap).collect();

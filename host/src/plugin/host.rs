@@ -73,10 +73,16 @@ impl PluginContext {
         })
     }
 
-    /// Lists every request of a call, with its answer, in the call's [`HttpTally`].
+    /// Lists every request of a call, with its answer, and what the plugin printed, in
+    /// the call's [`HttpTally`].
     pub fn listing_requests(mut self) -> Self {
         self.list_requests = true;
         self
+    }
+
+    /// Whether calls list their requests and prints.
+    pub fn lists_requests(&self) -> bool {
+        self.list_requests
     }
 
     /// Deadline of one request.
@@ -129,12 +135,84 @@ pub struct HttpTally {
     /// Each request and what it got, e.g. "POST http://…/api/auth → 200 (3 ms)", when
     /// the context lists requests.
     pub requests: Vec<String>,
+    /// What the plugin printed during the call, e.g. "stdout: …", when the context
+    /// lists requests (the daemon logs it instead).
+    pub printed: Vec<String>,
 }
 
 impl HttpTally {
     /// True when the call made requests and none of them got a response.
     pub fn unreachable(&self) -> bool {
         self.responses == 0 && self.unreachable > 0
+    }
+}
+
+/// Most bytes a plugin may print (WASI stdout or stderr) during one call; the rest is
+/// dropped, and the log says so.
+pub const MAX_PRINTED_BYTES: usize = 16 * 1024;
+
+/// A plugin's WASI stdout or stderr: kept for the host to log after each call
+/// (components from other toolchains print, e.g. JavaScript's `console.log`), bounded,
+/// and never an error for the plugin, which may print as much as it likes.
+#[derive(Clone, Default)]
+pub struct Printed {
+    bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Printed {
+    /// The lines printed since the last call, and how many bytes were dropped.
+    pub fn take(&self) -> (Vec<String>, u64) {
+        let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()));
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        let text = String::from_utf8_lossy(&bytes);
+        let lines = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| crate::clip(l).into_owned())
+            .collect();
+        (lines, dropped)
+    }
+}
+
+impl tokio::io::AsyncWrite for Printed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let room = MAX_PRINTED_BYTES.saturating_sub(bytes.len()).min(buf.len());
+        bytes.extend_from_slice(&buf[..room]);
+        self.dropped
+            .fetch_add((buf.len() - room) as u64, Ordering::Relaxed);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for Printed {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for Printed {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
     }
 }
 
@@ -146,6 +224,9 @@ pub struct PluginState {
     pub(super) limits: StoreLimits,
     /// The requests of the current call.
     pub(super) tally: HttpTally,
+    /// What the plugin printed on WASI's stdout and stderr.
+    pub(super) stdout: Printed,
+    pub(super) stderr: Printed,
     /// WASI with nothing granted: no files, no sockets, no environment.
     wasi: WasiCtx,
     table: ResourceTable,
@@ -153,12 +234,19 @@ pub struct PluginState {
 
 impl PluginState {
     pub(super) fn new(context: Arc<PluginContext>, plugin: String, limits: StoreLimits) -> Self {
+        let (stdout, stderr) = (Printed::default(), Printed::default());
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .build();
         Self {
             context,
             plugin,
             limits,
             tally: HttpTally::default(),
-            wasi: WasiCtx::builder().build(),
+            stdout,
+            stderr,
+            wasi,
             table: ResourceTable::new(),
         }
     }
@@ -424,5 +512,26 @@ mod tests {
         ] {
             assert!(c.resolve_url(bad).is_err(), "{bad} was allowed");
         }
+    }
+
+    #[tokio::test]
+    async fn prints_are_kept_by_line_and_bounded_without_failing_the_plugin() {
+        use tokio::io::AsyncWriteExt;
+        let printed = Printed::default();
+        let mut stream =
+            std::pin::Pin::from(wasmtime_wasi::cli::StdoutStream::async_stream(&printed));
+        stream.write_all(b"first line\n\nsecond").await.unwrap();
+        assert_eq!(
+            printed.take(),
+            (vec!["first line".into(), "second".into()], 0)
+        );
+        assert_eq!(printed.take(), (Vec::<String>::new(), 0), "taken once");
+
+        let flood = vec![b'x'; MAX_PRINTED_BYTES + 100];
+        stream.write_all(&flood).await.unwrap();
+        let (lines, dropped) = printed.take();
+        assert_eq!(dropped, 100);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].len() <= MAX_PRINTED_BYTES);
     }
 }

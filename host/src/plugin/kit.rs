@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use super::PluginContext;
 use super::bindings::{UploadOutcome, types};
+use super::host::HttpTally;
 use super::output::check_encoded;
 use super::runtime::{CallError, EncoderPlugin, PluginEngine, TransportPlugin};
 use crate::config::Secret;
@@ -189,10 +190,14 @@ impl Report<'_> {
         Ok(())
     }
 
-    /// The requests of the call just made.
+    /// The requests of the call just made, and what the plugin printed.
     fn requests(&mut self, transport: &TransportPlugin) -> Result<()> {
-        for request in &transport.last_tally().requests {
-            writeln!(self.out, "    {request}")?;
+        self.tally(transport.last_tally())
+    }
+
+    fn tally(&mut self, tally: &HttpTally) -> Result<()> {
+        for line in tally.requests.iter().chain(&tally.printed) {
+            writeln!(self.out, "    {line}")?;
         }
         Ok(())
     }
@@ -217,9 +222,22 @@ impl Report<'_> {
         let started = Instant::now();
         let result = encoder.encode(batch, readings).await;
         let took = started.elapsed();
+        let printed = encoder.last_tally().clone();
+        let encoded = self.encoded(result, readings.len(), took)?;
+        self.tally(&printed)?;
+        Ok(encoded)
+    }
+
+    /// The verdict on an encoder's answer.
+    fn encoded(
+        &mut self,
+        result: Result<Result<types::EncodedBatch, String>, CallError>,
+        count: usize,
+        took: Duration,
+    ) -> Result<Option<types::EncodedBatch>> {
         match result {
             Ok(Ok(encoded)) => {
-                match check_encoded(&encoded, readings.len()) {
+                match check_encoded(&encoded, count) {
                     Ok(()) => {
                         self.call(
                             "encode",

@@ -11,7 +11,7 @@ use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 
 use super::bindings::{self, Transport, TransportPre, UploadOutcome, types, v2};
 use super::cache::{self, Compiled, Origin};
-use super::host::{HttpTally, PluginContext, PluginState};
+use super::host::{HttpTally, PluginContext, PluginState, Printed};
 
 /// WIT package versions this host accepts from `describe`: encoders of 0.1.0 and
 /// 0.2.0, transports of 0.1.0 (0.2.0 changed the encoder world only).
@@ -453,10 +453,42 @@ impl<W: World> Plugin<W> {
         let bindings = &*bindings;
         let result = bounded(store, deadline, async |s| call(bindings, s).await).await;
         self.last_tally = std::mem::take(&mut store.data_mut().tally);
+        let printed = [
+            ("stdout", store.data().stdout.clone()),
+            ("stderr", store.data().stderr.clone()),
+        ];
+        self.pass_on_printed(printed);
         if result.is_err() {
             self.instance = None;
         }
         result
+    }
+
+    /// Logs what the plugin printed during a call (stdout at debug level, stderr as a
+    /// warning), or lists it in the call's tally when the context lists requests.
+    fn pass_on_printed(&mut self, printed: [(&str, Printed); 2]) {
+        for (stream, printed) in printed {
+            let (lines, dropped) = printed.take();
+            let cs = &self.context.client_system;
+            let plugin = &self.info.name;
+            for line in lines {
+                if self.context.lists_requests() {
+                    self.last_tally.printed.push(format!("{stream}: {line}"));
+                } else if stream == "stdout" {
+                    tracing::debug!(client_system = %cs, %plugin, "stdout: {line}");
+                } else {
+                    tracing::warn!(client_system = %cs, %plugin, "stderr: {line}");
+                }
+            }
+            if dropped > 0 {
+                tracing::warn!(
+                    client_system = %cs,
+                    %plugin,
+                    "the plugin printed {dropped} more bytes on {stream} in one call than the {} kept",
+                    super::host::MAX_PRINTED_BYTES
+                );
+            }
+        }
     }
 
     /// What the requests of the last call came to.

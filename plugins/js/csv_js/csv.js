@@ -85,7 +85,8 @@ export function encode(info, r) {
       field(JSON.stringify(attributes)),
     ].join(','));
   }
-  write('debug', `batch ${info.batchId}: ${n} readings as CSV`);
+  // console.log and console.error reach syncd's log too (at debug level, and as warnings).
+  console.log(`batch ${info.batchId}: ${n} readings as CSV`);
   return {
     contentType: 'text/csv; charset=utf-8; header=' + (rows[0] === HEADER ? 'present' : 'absent'),
     body: utf8.encode(rows.join('\r\n') + '\r\n'),
