@@ -183,9 +183,14 @@ enum PluginCommand {
         /// default the batch as the json_batch encoder writes it).
         #[arg(long, value_name = "FILE")]
         encoder: Option<PathBuf>,
-        /// The site id the plugin is told.
-        #[arg(long, default_value = syncd::plugin::kit::TEST_SITE)]
-        site_id: String,
+        /// Take the base_url, api_key and plugin settings of this Client System of
+        /// --config (and its site id and plugin cache); the options above override them.
+        #[arg(long, value_name = "NAME")]
+        client_system: Option<String>,
+        /// Keep compiled components in this folder, as `[plugins] cache_dir` does: a
+        /// large component (JavaScript, Python) then compiles once.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
         /// How much of an encoded body to print, in bytes.
         #[arg(long, default_value_t = 4096)]
         show_bytes: usize,
@@ -302,21 +307,46 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     api_key,
                     settings,
                     encoder,
-                    site_id,
+                    client_system,
+                    cache_dir,
                     show_bytes,
                 },
         } => {
-            let options = syncd::plugin::kit::TestOptions {
+            let mut options = syncd::plugin::kit::TestOptions {
                 file,
                 readings,
                 count,
                 url,
                 api_key: api_key.map(syncd::config::Secret::new),
-                settings: settings.into_iter().collect(),
+                settings: Default::default(),
                 encoder,
-                site_id,
+                site_id: syncd::plugin::kit::TEST_SITE.to_owned(),
+                client_system: syncd::plugin::kit::TEST_SITE.to_owned(),
+                request_timeout: Duration::from_secs(10),
+                cache_dir,
                 show_bytes,
             };
+            if let Some(name) = client_system {
+                let config = Config::load(&cli.config)?;
+                let cs = config
+                    .client_systems
+                    .iter()
+                    .find(|cs| cs.name == name)
+                    .with_context(|| {
+                        format!(
+                            "{} has no client system named {name:?}",
+                            cli.config.display()
+                        )
+                    })?;
+                options.url = options.url.or_else(|| Some(cs.base_url.clone()));
+                options.api_key = options.api_key.or_else(|| cs.api_key.clone());
+                options.settings = cs.plugin_settings();
+                options.site_id = config.site.id.clone();
+                options.client_system = cs.name.clone();
+                options.request_timeout = cs.policy(&config.defaults).request_timeout;
+                options.cache_dir = options.cache_dir.or_else(|| config.plugin_cache_dir());
+            }
+            options.settings.extend(settings);
             let passed = syncd::plugin::kit::test(&options, &mut std::io::stdout().lock()).await?;
             if !passed {
                 anyhow::bail!("the plugin failed some of its calls");

@@ -534,3 +534,54 @@ async fn the_javascript_encoder_writes_every_reading_as_csv() {
         assert_eq!(attributes, expected);
     }
 }
+
+/// `syncd plugin test --client-system NAME` tries a plugin with what sync.toml gives
+/// that Client System (its base_url, API key and settings), and keeps the compiled
+/// component in the site's plugin cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_is_tried_as_a_client_system_of_sync_toml_has_it() {
+    let site = Site::new("").await;
+    let config = site.config_path();
+    let transport = plugin("meterit_http");
+    let out = tokio::task::spawn_blocking(move || {
+        syncd(&[
+            "--config",
+            config.to_str().unwrap(),
+            "plugin",
+            "test",
+            transport.to_str().unwrap(),
+            "--client-system",
+            "meterit",
+            "--count",
+            "5",
+        ])
+    })
+    .await
+    .unwrap();
+    let report = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "plugin test:\n{report}{}",
+        text(&out.stderr)
+    );
+    assert!(report.contains("upload         accepted"), "{report}");
+    assert_eq!(site.client().stats().await.unwrap().readings, 5);
+    let cache = site.config.plugin_cache_dir().expect("a plugin cache");
+    assert!(
+        std::fs::read_dir(&cache).unwrap().next().is_some(),
+        "the compiled component is kept in {}",
+        cache.display()
+    );
+
+    let unknown = syncd(&[
+        "--config",
+        site.config_path().to_str().unwrap(),
+        "plugin",
+        "test",
+        plugin("meterit_http").to_str().unwrap(),
+        "--client-system",
+        "nowhere",
+    ]);
+    assert!(!unknown.status.success());
+    assert!(text(&unknown.stderr).contains("no client system named \"nowhere\""));
+}

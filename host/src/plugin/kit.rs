@@ -87,6 +87,13 @@ pub struct TestOptions {
     pub encoder: Option<PathBuf>,
     /// The site id the plugin is told.
     pub site_id: String,
+    /// The Client System's name the plugin is told.
+    pub client_system: String,
+    /// Deadline of one request.
+    pub request_timeout: Duration,
+    /// Where compiled components are kept (as `[plugins] cache_dir`), if anywhere:
+    /// a large component then compiles once, not at every run.
+    pub cache_dir: Option<PathBuf>,
     /// How much of an encoded body to print, in bytes.
     pub show_bytes: usize,
 }
@@ -97,16 +104,19 @@ pub const TEST_SITE: &str = "plugin-test";
 /// Calls every export of the plugin in `options.file` and writes what happened to
 /// `out`. True when every call succeeded (for an upload: accepted).
 pub async fn test(options: &TestOptions, out: &mut dyn Write) -> Result<bool> {
-    let engine = PluginEngine::new()?;
+    let mut engine = PluginEngine::new()?;
+    if let Some(dir) = &options.cache_dir {
+        engine = engine.with_cache_dir(dir.clone());
+    }
     let base_url = options.url.as_deref().unwrap_or("http://127.0.0.1/");
     let context = Arc::new(
         PluginContext::new(
             &options.site_id,
-            TEST_SITE,
+            &options.client_system,
             base_url,
             options.settings.clone(),
             options.api_key.clone(),
-            Duration::from_secs(10),
+            options.request_timeout,
             crate::daemon::http_client()?,
         )?
         .listing_requests(),
@@ -129,7 +139,7 @@ pub async fn test(options: &TestOptions, out: &mut dyn Write) -> Result<bool> {
     let batch = types::BatchInfo {
         batch_id: uuid::Uuid::now_v7().to_string(),
         site_id: options.site_id.clone(),
-        client_system: TEST_SITE.to_owned(),
+        client_system: options.client_system.clone(),
         attempt: 1,
     };
     let mut report = Report { out, ok: true };
