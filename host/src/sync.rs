@@ -189,6 +189,12 @@ pub enum PluginHealth {
 /// Calls of a plugin failing in a row after which status marks it failed.
 pub const PLUGIN_FAILED_AFTER: u32 = 3;
 
+/// Uploads of one batch in a row that got no answer while the Client System answered a
+/// probe right after each, before the batch spends its retries like any failure: a
+/// batch the Client System cannot take (too large for a proxy, fatal to its parser)
+/// must end in dead letters rather than hold back the queue for ever.
+pub const UNANSWERED_BATCH_AFTER: u32 = 3;
+
 impl PluginStatus {
     /// Records a call that failed.
     fn failed(&mut self, failure: String) {
@@ -348,6 +354,9 @@ pub struct Worker {
     pub trigger: Arc<Notify>,
     /// Consecutive attempts that found the Client System out of reach.
     outage_streak: u32,
+    /// The batch whose last uploads got no answer while the Client System answered
+    /// probes, and how many in a row.
+    unanswered: Option<(String, u32)>,
     /// Whether the Client System can be reached.
     monitor: Monitor,
     /// Where connectivity changes are published.
@@ -450,6 +459,7 @@ impl Worker {
             control,
             trigger,
             outage_streak: 0,
+            unanswered: None,
             monitor,
             events,
             reconnected: false,
@@ -986,6 +996,7 @@ impl Worker {
         } else {
             self.deliver(&batch, number, readings).await
         };
+        let verdict = self.judge_unanswered(&batch, verdict).await;
         let attempt = Attempt {
             client_system: self.name.clone(),
             batch_id: batch.id.clone(),
@@ -1164,6 +1175,36 @@ impl Worker {
                 }
             }
             other => other,
+        }
+    }
+
+    /// An upload that got no answer is an outage, not the batch's fault, unless the
+    /// Client System answers a probe right after: after [`UNANSWERED_BATCH_AFTER`]
+    /// such uploads of the same batch in a row, it spends a retry like a server error.
+    async fn judge_unanswered(&mut self, batch: &Batch, verdict: Verdict) -> Verdict {
+        let Verdict::Unreachable(reason) = verdict else {
+            self.unanswered = None;
+            return verdict;
+        };
+        self.probe().await;
+        if self.transport.last_tally().responses == 0 {
+            // The link is down: an outage, whatever the batch.
+            return Verdict::Unreachable(reason);
+        }
+        let count = match &self.unanswered {
+            Some((id, count)) if *id == batch.id => count + 1,
+            _ => 1,
+        };
+        self.unanswered = Some((batch.id.clone(), count));
+        if count < UNANSWERED_BATCH_AFTER {
+            return Verdict::Unreachable(reason);
+        }
+        warn!(%reason, count, "the client system answers, but not to this batch: a retry spent");
+        Verdict::Retry {
+            reason: format!(
+                "{reason} (no answer to this batch {count} times in a row, while the client system answered probes)"
+            ),
+            delay: None,
         }
     }
 

@@ -292,3 +292,54 @@ async fn remote_configuration_is_applied_kept_and_used_when_starting_offline() {
     daemon.stop().await;
     assert!(queue.remote_config("meterit").await.unwrap().is_none());
 }
+
+/// A batch the Client System never answers, while it answers everything else (a proxy
+/// that drops large bodies, a parser that dies on it): not an outage for ever, but a
+/// few unanswered attempts, then retries spent, then dead letters, and the batches
+/// after it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_never_answered_while_the_client_system_answers_ends_in_dead_letters() {
+    let site = Site::new(&format!("batch_size = 10\nmax_retries = 2\n{FAST_BACKOFF}")).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(10)).await.unwrap();
+    let hang_up = Fault {
+        hang_up: true,
+        ..Fault::default()
+    };
+    site.client().inject_faults(vec![hang_up; 6]);
+
+    let daemon = site.start();
+    eventually(LIMIT, "the batch in dead letters", || async {
+        !queue.dead_letters().await.unwrap().is_empty()
+    })
+    .await;
+    queue.enqueue(&readings(5)).await.unwrap();
+    site.sync_now().await;
+    eventually(LIMIT, "the later readings delivered", || async {
+        site.client().stats().await.unwrap().readings == 5
+    })
+    .await;
+    let connectivity = site.status().await["connectivity"]["state"].clone();
+    daemon.stop().await;
+    assert_eq!(connectivity, "online");
+
+    let log = queue.sync_log_since(0).await.unwrap();
+    let first = &log[0].batch_id;
+    let of_first: Vec<&str> = log
+        .iter()
+        .filter(|row| &row.batch_id == first)
+        .map(|row| row.outcome.as_str())
+        .collect();
+    // Two unanswered attempts are an outage; from the third, each spends a retry.
+    assert_eq!(
+        of_first,
+        ["unreachable", "unreachable", "retry", "retry", "retry"]
+    );
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("no answer to this batch"),
+        "{}",
+        dead[0].reason
+    );
+}
