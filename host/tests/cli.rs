@@ -2,22 +2,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Site, eventually, plugin};
-
-fn syncd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_syncd"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("syncd runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{Site, eventually, plugin, syncd, text};
 
 #[test]
 fn help_lists_the_commands() {

@@ -15,22 +15,10 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
-use common::{Site, eventually, plugin};
+use common::{Site, eventually, plugin, syncd, text};
 use syncd::plugin::{PluginContext, PluginEngine};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn syncd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_syncd"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("syncd runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,30 +84,18 @@ fn cargo_test(dir: &Path) {
 
 /// A new plugin crate `name` of `world` in `parent`, built: its component's path.
 fn new_built_plugin(parent: &Path, name: &str, world: &str, edit: impl FnOnce(&Path)) -> PathBuf {
-    let out = syncd(&[
-        "plugin",
-        "new",
-        name,
-        "--world",
-        world,
-        "--dir",
-        parent.to_str().unwrap(),
-    ]);
+    let plugin_new = || {
+        let parent = parent.to_str().unwrap();
+        syncd(&["plugin", "new", name, "--world", world, "--dir", parent])
+    };
+    let out = plugin_new();
     assert!(out.status.success(), "plugin new: {}", text(&out.stderr));
     let dir = parent.join(name);
     for file in ["Cargo.toml", "src/lib.rs", "wit/plugin.wit", "README.md"] {
         assert!(dir.join(file).is_file(), "plugin new wrote no {file}");
     }
     // A second time, the folder exists: refused, nothing overwritten.
-    let again = syncd(&[
-        "plugin",
-        "new",
-        name,
-        "--world",
-        world,
-        "--dir",
-        parent.to_str().unwrap(),
-    ]);
+    let again = plugin_new();
     assert!(!again.status.success());
     assert!(text(&again.stderr).contains("already exists"));
 

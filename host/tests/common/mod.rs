@@ -39,6 +39,20 @@ pub enum Backend {
     Postgres,
 }
 
+/// Runs the `syncd` binary as an operator does (without RUST_LOG), to completion.
+pub fn syncd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("syncd runs")
+}
+
+/// Output bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// A component built by `cargo xtask plugins`.
 pub fn plugin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
