@@ -1,6 +1,6 @@
 //! `syncd`: the command line.
 
-use std::io::{BufRead, BufReader, IsTerminal};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -240,6 +240,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Output piped into a program that stopped reading (`| head`): done.
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("syncd: error: {error:#}");
             ExitCode::FAILURE
@@ -808,19 +818,21 @@ async fn plugin_check(file: &Path) -> Result<()> {
     )?);
     let loaded = syncd::plugin::kit::load_any(&engine, file, context).await?;
     let (world, info) = (loaded.world(), loaded.info());
-    println!("{}: accepted", file.display());
-    println!("  world:       sync:plugin/{world}");
-    println!("  name:        {}", info.name);
-    println!("  version:     {}", info.version);
-    println!("  wit version: {}", info.wit_version);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}: accepted", file.display())?;
+    writeln!(out, "  world:       sync:plugin/{world}")?;
+    writeln!(out, "  name:        {}", info.name)?;
+    writeln!(out, "  version:     {}", info.version)?;
+    writeln!(out, "  wit version: {}", info.wit_version)?;
     let bytes = std::fs::read(file)?;
-    println!(
+    writeln!(
+        out,
         "  sha256:      {}",
         syncd::plugin::cache::sha256_hex(&bytes)
-    );
+    )?;
     let (imports, exports) = engine.interface(file).await?;
-    println!("  imports:     {}", imports.join(", "));
-    println!("  exports:     {}", exports.join(", "));
+    writeln!(out, "  imports:     {}", imports.join(", "))?;
+    writeln!(out, "  exports:     {}", exports.join(", "))?;
     Ok(())
 }
 
