@@ -202,19 +202,11 @@ enum PluginCommand {
         name: String,
         /// Which kind of plugin.
         #[arg(long, value_enum)]
-        world: NewWorld,
+        world: syncd::plugin::kit::NewWorld,
         /// Where to create the crate's folder.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum NewWorld {
-    /// Turns a batch into bytes (WIT 0.2.0).
-    Encoder,
-    /// Delivers bytes to a Client System (WIT 0.1.0).
-    Transport,
 }
 
 /// `KEY=VALUE`.
@@ -366,10 +358,6 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Plugin {
             command: PluginCommand::New { name, world, dir },
         } => {
-            let world = match world {
-                NewWorld::Encoder => syncd::plugin::kit::NewWorld::Encoder,
-                NewWorld::Transport => syncd::plugin::kit::NewWorld::Transport,
-            };
             let dir = syncd::plugin::kit::new_plugin(&name, world, &dir)?;
             println!("created {}", dir.display());
             println!("next: read its README.md; the walkthrough is in syncd's docs/plugins.md");
@@ -816,8 +804,8 @@ async fn plugin_check(file: &Path) -> Result<()> {
         Duration::from_secs(5),
         syncd::daemon::http_client()?,
     )?);
-    let loaded = syncd::plugin::kit::load_any(&engine, file, context).await?;
-    let (world, info) = (loaded.world(), loaded.info());
+    let loaded = engine.load_any(file, context).await?;
+    let (world, info) = (loaded.plugin.world(), loaded.plugin.info());
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}: accepted", file.display())?;
     writeln!(out, "  world:       sync:plugin/{world}")?;
@@ -830,9 +818,8 @@ async fn plugin_check(file: &Path) -> Result<()> {
         "  sha256:      {}",
         syncd::plugin::cache::sha256_hex(&bytes)
     )?;
-    let (imports, exports) = engine.interface(file).await?;
-    writeln!(out, "  imports:     {}", imports.join(", "))?;
-    writeln!(out, "  exports:     {}", exports.join(", "))?;
+    writeln!(out, "  imports:     {}", loaded.imports.join(", "))?;
+    writeln!(out, "  exports:     {}", loaded.exports.join(", "))?;
     Ok(())
 }
 

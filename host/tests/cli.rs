@@ -641,3 +641,21 @@ fn migrate_creates_the_schema_once_and_says_what_is_wrong() {
         started.elapsed()
     );
 }
+
+/// Output piped into a program that stops reading (`syncd plugin check … | head -1`)
+/// ends the command quietly, as other command-line tools do: no panic, no error.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(["plugin", "check"])
+        .arg(plugin("json_batch"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("syncd runs");
+    // The reader goes away before syncd writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("syncd ends");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
+}

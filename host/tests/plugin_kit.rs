@@ -561,3 +561,43 @@ async fn a_transport_is_tried_as_a_client_system_of_sync_toml_has_it() {
     assert!(!unknown.status.success());
     assert!(text(&unknown.stderr).contains("no client system named \"nowhere\""));
 }
+
+/// `plugin check` and `plugin test` load a component as whichever world it implements:
+/// it is compiled once, even when it turns out not to be the first world tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_of_either_world_is_compiled_once() {
+    let cache = tempfile::tempdir().unwrap();
+    let engine = PluginEngine::new()
+        .unwrap()
+        .with_cache_dir(cache.path().to_owned());
+    let context = PluginContext::new(
+        "site",
+        "cs",
+        "http://127.0.0.1/",
+        BTreeMap::new(),
+        None,
+        Duration::from_secs(5),
+        syncd::daemon::http_client().unwrap(),
+    )
+    .unwrap();
+    let loaded = engine
+        .load_any(&plugin("meterit_http"), Arc::new(context))
+        .await
+        .unwrap();
+    let syncd::plugin::runtime::AnyPlugin::Transport(transport) = loaded.plugin else {
+        panic!("meterit_http is a transport");
+    };
+    // Tried as an encoder first; compiled again for the transport, it would have come
+    // from the cache the first compile filled.
+    assert_eq!(transport.origin(), syncd::plugin::cache::Origin::Compiled);
+    assert!(
+        loaded.exports.iter().any(|e| e == "upload"),
+        "{:?}",
+        loaded.exports
+    );
+    assert!(
+        loaded.imports.iter().any(|i| i == "sync:plugin/http@0.1.0"),
+        "{:?}",
+        loaded.imports
+    );
+}

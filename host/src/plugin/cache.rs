@@ -26,7 +26,8 @@ pub enum Origin {
     Cache,
 }
 
-/// A compiled component and what identifies it.
+/// A compiled component and what identifies it (cheap to clone).
+#[derive(Clone)]
 pub struct Compiled {
     /// The component.
     pub component: Component,

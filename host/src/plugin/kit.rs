@@ -16,55 +16,9 @@ use super::PluginContext;
 use super::bindings::{UploadOutcome, types};
 use super::host::HttpTally;
 use super::output::check_encoded;
-use super::runtime::{CallError, EncoderPlugin, PluginEngine, TransportPlugin};
+use super::runtime::{AnyPlugin, CallError, EncoderPlugin, PluginEngine, TransportPlugin};
 use crate::config::Secret;
 use crate::reading::{FileFormat, NewReading, read_records};
-
-/// A component loaded as whichever world it implements.
-pub enum Loaded {
-    /// An encoder (0.1.0 or 0.2.0).
-    Encoder(EncoderPlugin),
-    /// A transport.
-    Transport(TransportPlugin),
-}
-
-impl Loaded {
-    /// The world's name: "encoder" or "transport".
-    pub fn world(&self) -> &'static str {
-        match self {
-            Loaded::Encoder(_) => "encoder",
-            Loaded::Transport(_) => "transport",
-        }
-    }
-
-    /// What the plugin's `describe` said.
-    pub fn info(&self) -> &types::PluginInfo {
-        match self {
-            Loaded::Encoder(p) => p.info(),
-            Loaded::Transport(p) => p.info(),
-        }
-    }
-}
-
-/// Loads `file` as an encoder or, failing that, as a transport; the error says why it
-/// is neither.
-pub async fn load_any(
-    engine: &PluginEngine,
-    file: &Path,
-    context: Arc<PluginContext>,
-) -> Result<Loaded> {
-    let encoder_error = match engine.load_encoder(file, Arc::clone(&context)).await {
-        Ok(plugin) => return Ok(Loaded::Encoder(plugin)),
-        Err(error) => error,
-    };
-    match engine.load_transport(file, context).await {
-        Ok(plugin) => Ok(Loaded::Transport(plugin)),
-        Err(transport_error) => bail!(
-            "{} is refused by this host.\n  as an encoder: {encoder_error:#}\n  as a transport: {transport_error:#}",
-            file.display()
-        ),
-    }
-}
 
 /// What `syncd plugin test` runs a plugin with.
 #[derive(Debug, Clone)]
@@ -121,7 +75,10 @@ pub async fn test(options: &TestOptions, out: &mut dyn Write) -> Result<bool> {
         )?
         .listing_requests(),
     );
-    let loaded = load_any(&engine, &options.file, Arc::clone(&context)).await?;
+    let loaded = engine
+        .load_any(&options.file, Arc::clone(&context))
+        .await?
+        .plugin;
     let info = loaded.info();
     writeln!(out, "{}", options.file.display())?;
     writeln!(
@@ -144,13 +101,13 @@ pub async fn test(options: &TestOptions, out: &mut dyn Write) -> Result<bool> {
     };
     let mut report = Report { out, ok: true };
     match loaded {
-        Loaded::Encoder(mut encoder) => {
+        AnyPlugin::Encoder(mut encoder) => {
             let encoded = report.encode(&mut encoder, &batch, &readings).await?;
             if let Some(encoded) = encoded {
                 report.body(&encoded, options.show_bytes)?;
             }
         }
-        Loaded::Transport(mut transport) => {
+        AnyPlugin::Transport(mut transport) => {
             if options.url.is_none() {
                 bail!(
                     "{} is a transport: give the URL of a Client System to test it against with --url \
@@ -232,9 +189,8 @@ impl Report<'_> {
         let started = Instant::now();
         let result = encoder.encode(batch, readings).await;
         let took = started.elapsed();
-        let printed = encoder.last_tally().clone();
         let encoded = self.encoded(result, readings.len(), took)?;
-        self.tally(&printed)?;
+        self.tally(encoder.last_tally())?;
         Ok(encoded)
     }
 
@@ -246,34 +202,26 @@ impl Report<'_> {
         took: Duration,
     ) -> Result<Option<types::EncodedBatch>> {
         match result {
-            Ok(Ok(encoded)) => {
-                match check_encoded(&encoded, count) {
-                    Ok(()) => {
-                        self.call(
-                            "encode",
-                            "ok",
-                            &format!(
-                                "{} readings → {} bytes of {}",
-                                encoded.reading_count,
-                                encoded.body.len(),
-                                encoded.content_type
-                            ),
-                            took,
-                        )?;
-                        Ok(Some(encoded))
-                    }
-                    Err(why) => {
-                        self.ok = false;
-                        self.call(
-                        "encode",
-                        "REFUSED",
-                        &format!("by the host: {why} — the host keeps the batch and tries again later"),
-                        took,
-                    )?;
-                        Ok(None)
-                    }
+            Ok(Ok(encoded)) => match check_encoded(&encoded, count) {
+                Ok(()) => {
+                    let detail = format!(
+                        "{} readings → {} bytes of {}",
+                        encoded.reading_count,
+                        encoded.body.len(),
+                        encoded.content_type
+                    );
+                    self.call("encode", "ok", &detail, took)?;
+                    Ok(Some(encoded))
                 }
-            }
+                Err(why) => {
+                    self.ok = false;
+                    let detail = format!(
+                        "by the host: {why} — the host keeps the batch and tries again later"
+                    );
+                    self.call("encode", "REFUSED", &detail, took)?;
+                    Ok(None)
+                }
+            },
             Ok(Err(reason)) => {
                 self.ok = false;
                 self.call(
@@ -613,11 +561,11 @@ fn json_document(batch: &types::BatchInfo, readings: &[types::Reading]) -> types
 }
 
 /// The world a new plugin implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NewWorld {
-    /// `sync:plugin/encoder@0.2.0`.
+    /// Turns a batch into bytes (`sync:plugin/encoder@0.2.0`).
     Encoder,
-    /// `sync:plugin/transport@0.1.0`.
+    /// Delivers bytes to a Client System (`sync:plugin/transport@0.1.0`).
     Transport,
 }
 

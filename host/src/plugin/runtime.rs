@@ -11,7 +11,7 @@ use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 
 use super::bindings::{self, Transport, TransportPre, UploadOutcome, types, v2};
 use super::cache::{self, Compiled, Origin};
-use super::host::{HttpTally, PluginContext, PluginState, Printed};
+use super::host::{HttpTally, PluginContext, PluginState};
 
 /// WIT package versions this host accepts from `describe`: encoders of 0.1.0 and
 /// 0.2.0, transports of 0.1.0 (0.2.0 changed the encoder world only).
@@ -113,8 +113,9 @@ impl PluginEngine {
         .await?
     }
 
-    /// The names a component imports and exports, e.g. `sync:plugin/http@0.1.0`.
-    pub async fn interface(&self, path: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    /// Loads a component as whichever world it implements, compiled once; the error
+    /// says why it is neither an encoder nor a transport.
+    pub async fn load_any(&self, path: &Path, context: Arc<PluginContext>) -> Result<Loaded> {
         let compiled = self.compile(path).await?;
         let ty = compiled.component.component_type();
         let imports = ty
@@ -125,7 +126,24 @@ impl PluginEngine {
             .exports(&self.engine)
             .map(|(n, _)| n.to_owned())
             .collect();
-        Ok((imports, exports))
+        let plugin = match self
+            .load_compiled(path, compiled.clone(), Arc::clone(&context))
+            .await
+        {
+            Ok(encoder) => AnyPlugin::Encoder(encoder),
+            Err(encoder_error) => match self.load_compiled(path, compiled, context).await {
+                Ok(transport) => AnyPlugin::Transport(transport),
+                Err(transport_error) => anyhow::bail!(
+                    "{} is refused by this host.\n  as an encoder: {encoder_error:#}\n  as a transport: {transport_error:#}",
+                    path.display()
+                ),
+            },
+        };
+        Ok(Loaded {
+            plugin,
+            imports,
+            exports,
+        })
     }
 
     /// Loads an encoder: compiles it, checks its world and its `describe`.
@@ -147,11 +165,21 @@ impl PluginEngine {
     }
 
     async fn load<W: World>(&self, path: &Path, context: Arc<PluginContext>) -> Result<Plugin<W>> {
+        let compiled = self.compile(path).await?;
+        self.load_compiled(path, compiled, context).await
+    }
+
+    async fn load_compiled<W: World>(
+        &self,
+        path: &Path,
+        compiled: Compiled,
+        context: Arc<PluginContext>,
+    ) -> Result<Plugin<W>> {
         let Compiled {
             component,
             sha256,
             origin,
-        } = self.compile(path).await?;
+        } = compiled;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -184,6 +212,74 @@ impl PluginEngine {
         check_info(&info, W::wit_version(&plugin.pre), path)?;
         plugin.info = info;
         Ok(plugin)
+    }
+}
+
+/// A component loaded as whichever world it implements, with what it imports and
+/// exports (e.g. `sync:plugin/http@0.1.0`).
+pub struct Loaded {
+    /// The plugin.
+    pub plugin: AnyPlugin,
+    /// The names it imports.
+    pub imports: Vec<String>,
+    /// The names it exports.
+    pub exports: Vec<String>,
+}
+
+/// An encoder or a transport.
+pub enum AnyPlugin {
+    /// An encoder (0.1.0 or 0.2.0).
+    Encoder(EncoderPlugin),
+    /// A transport.
+    Transport(TransportPlugin),
+}
+
+impl AnyPlugin {
+    /// The world's name: "encoder" or "transport".
+    pub fn world(&self) -> &'static str {
+        match self {
+            AnyPlugin::Encoder(_) => "encoder",
+            AnyPlugin::Transport(_) => "transport",
+        }
+    }
+
+    /// What the plugin's `describe` said.
+    pub fn info(&self) -> &types::PluginInfo {
+        match self {
+            AnyPlugin::Encoder(p) => p.info(),
+            AnyPlugin::Transport(p) => p.info(),
+        }
+    }
+}
+
+/// Logs what a plugin printed during a call (stdout at debug level, stderr as a
+/// warning), or lists it in the call's tally when the context lists requests.
+fn pass_on_printed(
+    state: &PluginState,
+    context: &PluginContext,
+    plugin: &str,
+    tally: &mut HttpTally,
+) {
+    let cs = &context.client_system;
+    for (stream, printed) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+        let (lines, dropped) = printed.take();
+        for line in lines {
+            if context.lists_requests() {
+                tally.printed.push(format!("{stream}: {line}"));
+            } else if stream == "stdout" {
+                tracing::debug!(client_system = %cs, %plugin, "stdout: {line}");
+            } else {
+                tracing::warn!(client_system = %cs, %plugin, "stderr: {line}");
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                client_system = %cs,
+                %plugin,
+                "the plugin printed {dropped} more bytes on {stream} in one call than the {} kept",
+                super::host::MAX_PRINTED_BYTES
+            );
+        }
     }
 }
 
@@ -453,42 +549,16 @@ impl<W: World> Plugin<W> {
         let bindings = &*bindings;
         let result = bounded(store, deadline, async |s| call(bindings, s).await).await;
         self.last_tally = std::mem::take(&mut store.data_mut().tally);
-        let printed = [
-            ("stdout", store.data().stdout.clone()),
-            ("stderr", store.data().stderr.clone()),
-        ];
-        self.pass_on_printed(printed);
+        pass_on_printed(
+            store.data(),
+            &self.context,
+            &self.info.name,
+            &mut self.last_tally,
+        );
         if result.is_err() {
             self.instance = None;
         }
         result
-    }
-
-    /// Logs what the plugin printed during a call (stdout at debug level, stderr as a
-    /// warning), or lists it in the call's tally when the context lists requests.
-    fn pass_on_printed(&mut self, printed: [(&str, Printed); 2]) {
-        for (stream, printed) in printed {
-            let (lines, dropped) = printed.take();
-            let cs = &self.context.client_system;
-            let plugin = &self.info.name;
-            for line in lines {
-                if self.context.lists_requests() {
-                    self.last_tally.printed.push(format!("{stream}: {line}"));
-                } else if stream == "stdout" {
-                    tracing::debug!(client_system = %cs, %plugin, "stdout: {line}");
-                } else {
-                    tracing::warn!(client_system = %cs, %plugin, "stderr: {line}");
-                }
-            }
-            if dropped > 0 {
-                tracing::warn!(
-                    client_system = %cs,
-                    %plugin,
-                    "the plugin printed {dropped} more bytes on {stream} in one call than the {} kept",
-                    super::host::MAX_PRINTED_BYTES
-                );
-            }
-        }
     }
 
     /// What the requests of the last call came to.
