@@ -1186,6 +1186,10 @@ impl Worker {
             self.unanswered = None;
             return verdict;
         };
+        if self.monitor.state() == State::Offline {
+            // Known out of reach: no probe on top of the monitor's own.
+            return Verdict::Unreachable(reason);
+        }
         self.probe().await;
         if self.transport.last_tally().responses == 0 {
             // The link is down: an outage, whatever the batch.
