@@ -1,5 +1,12 @@
 //! The JSON document of a batch. Kept apart from the plugin's bindings so that the
 //! benchmarks can compile this same file natively and compare it with the component.
+//!
+//! Written for WebAssembly's costs, which differ from a native build's:
+//! - a copy whose length is known only at run time is a `memory.copy`, which wasmtime
+//!   runs as a call out of the sandbox: short strings are copied here in fixed-size
+//!   pieces of 8, 4, 2 or 1 bytes, which compile to plain loads and stores;
+//! - WebAssembly has no 64-bit multiply-high, so a 64-bit division by 10 is a real
+//!   division: numbers are written from 32-bit pieces, two digits at a time.
 
 use std::fmt::Write as _;
 
@@ -16,13 +23,13 @@ pub fn encode_document(
     readings: &Readings,
 ) -> Result<Vec<u8>, String> {
     let n = readings.ids.len();
-    let meter_ids = Column::new("meter-ids", &readings.meter_ids, n)?;
-    let channels = Column::new("channels", &readings.channels, n)?;
-    let units = Column::new("units", &readings.units, n)?;
-    let qualities = Column::new("qualities", &readings.qualities, n)?;
+    let mut meter_ids = Column::new("meter-ids", &readings.meter_ids, n)?;
+    let mut channels = Column::new("channels", &readings.channels, n)?;
+    let mut units = Column::new("units", &readings.units, n)?;
+    let mut qualities = Column::new("qualities", &readings.qualities, n)?;
     let pairs = readings.attribute_ends.last().map_or(0, |&e| e as usize);
-    let keys = Column::new("attribute-keys", &readings.attribute_keys, pairs)?;
-    let values = Column::new("attribute-values", &readings.attribute_values, pairs)?;
+    let mut keys = Column::new("attribute-keys", &readings.attribute_keys, pairs)?;
+    let mut values = Column::new("attribute-values", &readings.attribute_values, pairs)?;
     if readings.timestamps_ms.len() != n
         || readings.values.len() != n
         || readings.attribute_ends.len() != n
@@ -35,55 +42,58 @@ pub fn encode_document(
         ));
     }
 
-    let mut out = String::with_capacity(64 + n * RESERVE_PER_READING);
-    out.push_str("{\"batch_id\":");
-    push_str(&mut out, batch_id);
-    out.push_str(",\"site_id\":");
-    push_str(&mut out, site_id);
-    out.push_str(",\"readings\":[");
+    let mut out = Writer::with_capacity(64 + n * RESERVE_PER_READING);
+    out.literal(b"{\"batch_id\":");
+    out.string(batch_id);
+    out.literal(b",\"site_id\":");
+    out.string(site_id);
+    out.literal(b",\"readings\":[");
     let mut pair = 0;
     for i in 0..n {
         if i > 0 {
-            out.push(',');
+            out.byte(b',');
         }
-        out.push_str("{\"id\":");
-        push_u64(&mut out, readings.ids[i]);
-        out.push_str(",\"meter_id\":");
-        push_str(&mut out, meter_ids.get(i)?);
-        out.push_str(",\"channel\":");
-        push_str(&mut out, channels.get(i)?);
-        out.push_str(",\"timestamp\":");
-        push_i64(&mut out, readings.timestamps_ms[i]);
-        out.push_str(",\"value\":");
-        push_f64(&mut out, readings.values[i]);
-        out.push_str(",\"unit\":");
-        push_str(&mut out, units.get(i)?);
-        out.push_str(",\"quality\":");
-        push_str(&mut out, qualities.get(i)?);
-        out.push_str(",\"attributes\":{");
+        out.literal(b"{\"id\":");
+        out.u64(readings.ids[i]);
+        out.literal(b",\"meter_id\":");
+        out.string(meter_ids.next(i)?);
+        out.literal(b",\"channel\":");
+        out.string(channels.next(i)?);
+        out.literal(b",\"timestamp\":");
+        out.i64(readings.timestamps_ms[i]);
+        out.literal(b",\"value\":");
+        out.f64(readings.values[i]);
+        out.literal(b",\"unit\":");
+        out.string(units.next(i)?);
+        out.literal(b",\"quality\":");
+        out.string(qualities.next(i)?);
+        out.literal(b",\"attributes\":{");
         let end = readings.attribute_ends[i] as usize;
         if end < pair {
             return Err(format!("attribute ends decrease at reading {i}"));
         }
         for j in pair..end {
             if j > pair {
-                out.push(',');
+                out.byte(b',');
             }
-            push_str(&mut out, keys.get(j)?);
-            out.push(':');
-            push_str(&mut out, values.get(j)?);
+            out.string(keys.next(j)?);
+            out.byte(b':');
+            out.string(values.next(j)?);
         }
         pair = end;
-        out.push_str("}}");
+        out.literal(b"}}");
     }
-    out.push_str("]}");
+    out.literal(b"]}");
     Ok(out.into_bytes())
 }
 
-/// One column of strings, checked to hold `len` of them.
+/// One column of strings, checked to hold `len` of them, read in order.
 struct Column<'a> {
     name: &'static str,
-    strings: &'a Strings,
+    ends: &'a [u32],
+    /// What is not read yet, and where it starts in the column's text.
+    rest: &'a str,
+    consumed: usize,
 }
 
 impl<'a> Column<'a> {
@@ -94,65 +104,296 @@ impl<'a> Column<'a> {
                 strings.ends.len()
             ));
         }
-        Ok(Self { name, strings })
+        Ok(Self {
+            name,
+            ends: &strings.ends,
+            rest: &strings.text,
+            consumed: 0,
+        })
     }
 
-    /// String `i`.
-    fn get(&self, i: usize) -> Result<&'a str, String> {
-        let start = match i {
-            0 => 0,
-            i => self.strings.ends[i - 1] as usize,
-        };
-        let end = self.strings.ends[i] as usize;
-        self.strings
-            .text
-            .get(start..end)
-            .ok_or_else(|| format!("string {i} of column {} is out of place", self.name))
+    /// String `i`, the one after the last one taken.
+    fn next(&mut self, i: usize) -> Result<&'a str, String> {
+        let (string, rest) = (self.ends[i] as usize)
+            .checked_sub(self.consumed)
+            .and_then(|len| self.rest.split_at_checked(len))
+            .ok_or_else(|| format!("string {i} of column {} is out of place", self.name))?;
+        self.consumed += string.len();
+        self.rest = rest;
+        Ok(string)
     }
 }
 
-/// Appends `s` as a JSON string literal.
-pub(crate) fn push_str(out: &mut String, s: &str) {
-    out.push('"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        // Eight bytes at a time while none needs escaping: most text needs none.
-        if let Some(chunk) = bytes.get(i..i + 8) {
-            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-            if !needs_escape(word) {
-                i += 8;
-                continue;
-            }
+/// The document as it is written: a zero-filled buffer longer than what has been
+/// written (`len`), so that every write is a copy into a slice already there.
+pub(crate) struct Writer {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Writer {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            buf: vec![0; capacity.max(64)],
+            len: 0,
         }
-        let b = bytes[i];
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        out.push_str(&s[start..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.push_str(escape);
-        }
-        i += 1;
-        start = i;
     }
-    out.push_str(&s[start..]);
-    out.push('"');
+
+    /// What has been written.
+    pub(crate) fn into_bytes(mut self) -> Vec<u8> {
+        self.buf.truncate(self.len);
+        self.buf
+    }
+
+    #[cfg(test)]
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap()
+    }
+
+    /// The next `n` bytes of the buffer, made room for. Moves nothing forward.
+    #[inline(always)]
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() - self.len < n {
+            self.grow(n);
+        }
+        &mut self.buf[self.len..self.len + n]
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, n: usize) {
+        let wanted = (self.len + n).max(self.buf.len() * 2);
+        self.buf.resize(wanted, 0);
+    }
+
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.room(1)[0] = b;
+        self.len += 1;
+    }
+
+    /// Appends a fixed piece of the document (its length is a constant).
+    #[inline(always)]
+    fn literal<const N: usize>(&mut self, bytes: &[u8; N]) {
+        self.room(N).copy_from_slice(bytes);
+        self.len += N;
+    }
+
+    /// Appends `s` as a JSON string literal.
+    pub(crate) fn string(&mut self, s: &str) {
+        let bytes = s.as_bytes();
+        let room = self.room(bytes.len() + 2);
+        room[0] = b'"';
+        if copy_plain(bytes, &mut room[1..=bytes.len()]) {
+            room[bytes.len() + 1] = b'"';
+            self.len += bytes.len() + 2;
+        } else {
+            self.len += 1;
+            self.escaped(s);
+            self.byte(b'"');
+        }
+    }
+
+    /// Appends `s` with the characters JSON requires escaped (the rare case).
+    #[cold]
+    fn escaped(&mut self, s: &str) {
+        for &b in s.as_bytes() {
+            match b {
+                b'"' => self.literal(b"\\\""),
+                b'\\' => self.literal(b"\\\\"),
+                b'\n' => self.literal(b"\\n"),
+                b'\r' => self.literal(b"\\r"),
+                b'\t' => self.literal(b"\\t"),
+                0..=0x1f => {
+                    let mut code = String::with_capacity(6);
+                    let _ = write!(code, "\\u{b:04x}");
+                    for &c in code.as_bytes() {
+                        self.byte(c);
+                    }
+                }
+                b => self.byte(b),
+            }
+        }
+    }
+
+    /// Appends `v` in decimal.
+    pub(crate) fn u64(&mut self, v: u64) {
+        match u32::try_from(v) {
+            Ok(v) => self.u32(v),
+            Err(_) => {
+                // At most 20 digits: what is above the last eight, then those eight.
+                let high = v / 100_000_000;
+                let low = (v - high * 100_000_000) as u32;
+                match u32::try_from(high) {
+                    Ok(high) => self.u32(high),
+                    Err(_) => {
+                        let top = high / 100_000_000;
+                        self.u32(top as u32);
+                        self.eight_digits((high - top * 100_000_000) as u32);
+                    }
+                }
+                self.eight_digits(low);
+            }
+        }
+    }
+
+    /// Appends `v` in decimal.
+    pub(crate) fn i64(&mut self, v: i64) {
+        if v < 0 {
+            self.byte(b'-');
+        }
+        self.u64(v.unsigned_abs());
+    }
+
+    /// Appends `v` in decimal, without leading zeros.
+    fn u32(&mut self, v: u32) {
+        let n = v.checked_ilog10().map_or(1, |d| d as usize + 1);
+        write_digits(v, self.room(n));
+        self.len += n;
+    }
+
+    /// Appends `v` (under 10⁸) as exactly eight digits.
+    fn eight_digits(&mut self, v: u32) {
+        write_digits(v, self.room(8));
+        self.len += 8;
+    }
+
+    /// Appends `v` as Rust's `Display` writes it (the shortest decimal that reads back
+    /// as `v`, without an exponent). Meter values mostly have at most three decimals:
+    /// those are written with integer arithmetic, the rest by `Display`.
+    pub(crate) fn f64(&mut self, v: f64) {
+        if v == 0.0 {
+            if v.is_sign_negative() {
+                self.literal(b"-0");
+            } else {
+                self.byte(b'0');
+            }
+            return;
+        }
+        if v.abs() < SHORT_DECIMAL_LIMIT {
+            // Ties cannot matter: a value halfway between two thousandths has more than
+            // three decimals, and fails the check below whichever way it rounded.
+            let thousandths = (v.abs() * 1000.0).round_ties_even();
+            if thousandths / 1000.0 == v.abs() {
+                if v < 0.0 {
+                    self.byte(b'-');
+                }
+                // Exact: both are integers below 2⁵², and the quotient's truncation
+                // cannot reach the next integer (see SHORT_DECIMAL_LIMIT).
+                let whole = (thousandths / 1000.0).trunc();
+                let fraction = (thousandths - whole * 1000.0) as u32;
+                self.u64(whole as u64);
+                if fraction != 0 {
+                    self.fraction(fraction);
+                }
+                return;
+            }
+        }
+        let mut text = String::with_capacity(32);
+        let _ = write!(text, "{v}");
+        let room = self.room(text.len());
+        room.copy_from_slice(text.as_bytes());
+        self.len += text.len();
+    }
+
+    /// Appends `.` and thousandths `f` (1 to 999) without trailing zeros.
+    fn fraction(&mut self, f: u32) {
+        let room = self.room(4);
+        room[0] = b'.';
+        write_digits(f, &mut room[1..4]);
+        self.len += match (f % 100, f % 10) {
+            (0, _) => 2,
+            (_, 0) => 3,
+            _ => 4,
+        };
+    }
+}
+
+/// Below this magnitude, a value with at most three decimals is the only such decimal
+/// that reads back as it (an f64's spacing there is under 0.001), and dividing its
+/// thousandths by 1000 never rounds up to the next integer.
+const SHORT_DECIMAL_LIMIT: f64 = (1u64 << 42) as f64;
+
+/// "00" to "99".
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Writes the last `out.len()` decimal digits of `v` into `out`, two at a time.
+#[inline(always)]
+fn write_digits(mut v: u32, out: &mut [u8]) {
+    let mut at = out.len();
+    while at >= 2 {
+        let pair = (v % 100) as usize * 2;
+        v /= 100;
+        out[at - 2..at].copy_from_slice(&PAIRS[pair..pair + 2]);
+        at -= 2;
+    }
+    if at == 1 {
+        out[0] = b'0' + (v % 10) as u8;
+    }
+}
+
+/// Copies `from` into `to` (of the same length) if none of its bytes needs escaping
+/// in JSON, in pieces of fixed size; `false` when one does (`to` is then garbage).
+#[inline(always)]
+fn copy_plain(from: &[u8], to: &mut [u8]) -> bool {
+    let n = from.len();
+    if n >= 8 {
+        let mut i = 0;
+        while i + 8 <= n {
+            let word = word8(from, i);
+            if needs_escape(word) {
+                return false;
+            }
+            to[i..i + 8].copy_from_slice(&word.to_le_bytes());
+            i += 8;
+        }
+        if i < n {
+            // The last eight bytes, overlapping what is already copied.
+            let word = word8(from, n - 8);
+            if needs_escape(word) {
+                return false;
+            }
+            to[n - 8..].copy_from_slice(&word.to_le_bytes());
+        }
+        true
+    } else if n >= 4 {
+        // The first four and the last four, overlapping when n < 8.
+        let first = u32::from_le_bytes([from[0], from[1], from[2], from[3]]);
+        let last = u32::from_le_bytes([from[n - 4], from[n - 3], from[n - 2], from[n - 1]]);
+        to[..4].copy_from_slice(&first.to_le_bytes());
+        to[n - 4..].copy_from_slice(&last.to_le_bytes());
+        !needs_escape(u64::from(first) | u64::from(last) << 32)
+    } else if n >= 2 {
+        let first = u16::from_le_bytes([from[0], from[1]]);
+        let last = u16::from_le_bytes([from[n - 2], from[n - 1]]);
+        to[..2].copy_from_slice(&first.to_le_bytes());
+        to[n - 2..].copy_from_slice(&last.to_le_bytes());
+        // Spaces in the unused half: they need no escaping.
+        !needs_escape(u64::from(first) | u64::from(last) << 16 | SPACES << 32)
+    } else if n == 1 {
+        to[0] = from[0];
+        !needs_escape(u64::from(from[0]) | SPACES << 8)
+    } else {
+        true
+    }
+}
+
+/// Eight spaces, shifted in where fewer than eight bytes are checked.
+const SPACES: u64 = 0x2020_2020_2020_2020;
+
+#[inline(always)]
+fn word8(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
 }
 
 /// Whether any of the eight bytes of `word` is a control character, `"` or `\`.
+#[inline(always)]
 fn needs_escape(word: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
@@ -161,77 +402,4 @@ fn needs_escape(word: u64) -> bool {
     below_space
         || zero_byte(word ^ (ONES * u64::from(b'"')))
         || zero_byte(word ^ (ONES * u64::from(b'\\')))
-}
-
-/// Appends `v` in decimal.
-pub(crate) fn push_u64(out: &mut String, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
-}
-
-/// Appends `v` in decimal.
-pub(crate) fn push_i64(out: &mut String, v: i64) {
-    if v < 0 {
-        out.push('-');
-    }
-    push_u64(out, v.unsigned_abs());
-}
-
-/// Below this magnitude, a value with at most three decimals is the only such decimal
-/// that reads back as it: an f64's spacing there is under 0.001.
-const SHORT_DECIMAL_LIMIT: f64 = (1u64 << 42) as f64;
-
-/// Appends `v` as Rust's `Display` writes it (the shortest decimal that reads back as
-/// `v`, without an exponent). Meter values mostly have at most three decimals: those
-/// are written with integer arithmetic, the rest by `Display`.
-pub(crate) fn push_f64(out: &mut String, v: f64) {
-    if v == 0.0 {
-        out.push_str(if v.is_sign_negative() { "-0" } else { "0" });
-        return;
-    }
-    if v.abs() < SHORT_DECIMAL_LIMIT {
-        let thousandths = (v * 1000.0).round();
-        if thousandths / 1000.0 == v {
-            let m = thousandths as i64;
-            if m < 0 {
-                out.push('-');
-            }
-            let m = m.unsigned_abs();
-            push_u64(out, m / 1000);
-            let mut fraction = m % 1000;
-            if fraction != 0 {
-                let mut width = 3;
-                while fraction.is_multiple_of(10) {
-                    fraction /= 10;
-                    width -= 1;
-                }
-                out.push('.');
-                for _ in 0..width - digits(fraction) {
-                    out.push('0');
-                }
-                push_u64(out, fraction);
-            }
-            return;
-        }
-    }
-    let _ = write!(out, "{v}");
-}
-
-/// How many decimal digits `v` (under 1000) has.
-fn digits(v: u64) -> usize {
-    match v {
-        0..=9 => 1,
-        10..=99 => 2,
-        _ => 3,
-    }
 }

@@ -1,6 +1,6 @@
 //! The document's pieces against what they must equal, natively (`cargo test`).
 
-use crate::document::{push_f64, push_i64, push_str, push_u64};
+use crate::document::Writer;
 
 #[test]
 fn values_are_written_as_display_writes_them() {
@@ -39,23 +39,37 @@ fn values_are_written_as_display_writes_them() {
         values.push(f64::from_bits(x >> 2));
     }
     for v in values {
-        let mut out = String::new();
-        push_f64(&mut out, v);
-        assert_eq!(out, format!("{v}"), "{v:?}");
+        let mut out = Writer::with_capacity(0);
+        out.f64(v);
+        assert_eq!(out.as_str(), format!("{v}"), "{v:?}");
     }
 }
 
 #[test]
 fn integers_and_escapes() {
-    for v in [0, 7, 10, 99, 1000, u64::MAX] {
-        let mut out = String::new();
-        push_u64(&mut out, v);
-        assert_eq!(out, v.to_string());
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut integers = vec![0, 7, 10, 99, 100, 1000, 99_999_999, 100_000_000];
+    integers.extend([u64::from(u32::MAX), u64::from(u32::MAX) + 1, u64::MAX]);
+    integers.extend([9_999_999_999_999_999, 10_000_000_000_000_000]);
+    for _ in 0..100_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        integers.push(x >> (x % 64));
     }
-    let mut out = String::new();
-    push_i64(&mut out, i64::MIN);
-    assert_eq!(out, i64::MIN.to_string());
-    for text in [
+    for v in integers {
+        let mut out = Writer::with_capacity(0);
+        out.u64(v);
+        assert_eq!(out.as_str(), v.to_string());
+        let mut out = Writer::with_capacity(0);
+        let negative = (v as i64).wrapping_neg();
+        out.i64(negative);
+        assert_eq!(out.as_str(), negative.to_string());
+    }
+    let mut out = Writer::with_capacity(0);
+    out.i64(i64::MIN);
+    assert_eq!(out.as_str(), i64::MIN.to_string());
+    let mut texts = vec![
         "",
         "plain",
         "eight ch",
@@ -64,9 +78,25 @@ fn integers_and_escapes() {
         "back\\slash\there",
         "ctl\u{1}x",
         "Zürich \"Nord\"\n",
-    ] {
-        let mut out = String::new();
-        push_str(&mut out, text);
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    // Every length up to 20, with one byte needing escape at each place, and none.
+    for len in 0..20 {
+        let plain: String = (0..len).map(|i| (b'a' + i as u8) as char).collect();
+        texts.push(plain.clone());
+        for at in 0..len {
+            for special in ['"', '\\', '\n', '\u{1f}', '\u{0}'] {
+                let mut text: Vec<char> = plain.chars().collect();
+                text[at] = special;
+                texts.push(text.into_iter().collect());
+            }
+        }
+    }
+    for text in &texts {
+        let mut out = Writer::with_capacity(0);
+        out.string(text);
         let expected: String = {
             let mut e = String::from("\"");
             for c in text.chars() {
@@ -83,6 +113,74 @@ fn integers_and_escapes() {
             e.push('"');
             e
         };
-        assert_eq!(out, expected, "{text:?}");
+        assert_eq!(out.as_str(), expected, "{text:?}");
     }
+}
+
+fn strings(items: &[&str]) -> crate::Strings {
+    let mut ends = Vec::new();
+    let mut text = String::new();
+    for item in items {
+        text.push_str(item);
+        ends.push(text.len() as u32);
+    }
+    crate::Strings { text, ends }
+}
+
+fn two_readings() -> crate::Readings {
+    crate::Readings {
+        ids: vec![1, 2],
+        meter_ids: strings(&["elec-1", "Zürich \"Nord\""]),
+        channels: strings(&["", "import-kwh"]),
+        timestamps_ms: vec![1_700_000_000_000, -5],
+        values: vec![12.5, 1e-7],
+        units: strings(&["kWh", ""]),
+        qualities: strings(&["good", "estimated"]),
+        attribute_ends: vec![0, 2],
+        attribute_keys: strings(&["phase", "k"]),
+        attribute_values: strings(&["L1", "v\n"]),
+    }
+}
+
+#[test]
+fn a_whole_document() {
+    let body = crate::encode_document("b-1", "site", &two_readings()).unwrap();
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        concat!(
+            r#"{"batch_id":"b-1","site_id":"site","readings":["#,
+            r#"{"id":1,"meter_id":"elec-1","channel":"","timestamp":1700000000000,"value":12.5,"#,
+            r#""unit":"kWh","quality":"good","attributes":{}},"#,
+            r#"{"id":2,"meter_id":"Zürich \"Nord\"","channel":"import-kwh","timestamp":-5,"#,
+            r#""value":0.0000001,"unit":"","quality":"estimated","attributes":{"phase":"L1","k":"v\n"}}]}"#
+        )
+    );
+}
+
+#[test]
+fn columns_that_do_not_hold_together_are_refused() {
+    let mut r = two_readings();
+    r.meter_ids.ends[0] = 8; // inside the "ü" of the next string
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "string 0 of column meter-ids is out of place");
+
+    let mut r = two_readings();
+    r.units.ends[1] = 100;
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "string 1 of column units is out of place");
+
+    let mut r = two_readings();
+    r.channels.ends = vec![5, 3];
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "string 1 of column channels is out of place");
+
+    let mut r = two_readings();
+    r.values.pop();
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert!(err.starts_with("the batch's columns differ in length"), "{err}");
+
+    let mut r = two_readings();
+    r.qualities.ends.pop();
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "column qualities holds 1 strings for 2 entries");
 }
