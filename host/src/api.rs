@@ -195,13 +195,19 @@ async fn status(Extract(state): Extract<State>) -> (StatusCode, Json<Value>) {
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
+    let processes = match state.queue.processes().await {
+        Ok(processes) => processes,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    };
     (
         StatusCode::OK,
         Json(json!({
             "site_id": config.site_id,
             "daemon_version": env!("CARGO_PKG_VERSION"),
+            "process": state.queue.process_name(),
             "config": config,
             "client_systems": client_systems,
+            "processes": processes,
         })),
     )
 }

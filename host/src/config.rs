@@ -142,6 +142,15 @@ pub struct Database {
     /// The most readings the queue may hold; past it, ingest is refused (HTTP 507)
     /// until deliveries make room. Unbounded when absent.
     pub max_queue_readings: Option<u64>,
+    /// How long a batch stays with the process that took it (renewed while that
+    /// process works on it): when a process sharing a PostgreSQL queue dies, another
+    /// takes its batches over after this long.
+    #[serde(default = "default_batch_lease", with = "humantime_serde")]
+    pub batch_lease: Duration,
+    /// This process's name among those sharing the queue; by default
+    /// `<host name>:<API port>`, which stays the same across restarts (so a restarted
+    /// process takes its own batches back at once).
+    pub process_name: Option<String>,
 }
 
 impl Default for Database {
@@ -150,8 +159,14 @@ impl Default for Database {
             url: default_database_url(),
             durability: Durability::default(),
             max_queue_readings: None,
+            batch_lease: default_batch_lease(),
+            process_name: None,
         }
     }
+}
+
+fn default_batch_lease() -> Duration {
+    crate::queue::DEFAULT_BATCH_LEASE
 }
 
 fn default_database_url() -> String {
@@ -637,6 +652,24 @@ impl Config {
             }
             _ => {}
         }
+        if self.database.batch_lease < MIN_BATCH_LEASE {
+            return Err(invalid(
+                "database.batch_lease".into(),
+                format!(
+                    "{} is too short: at least {} (a lease is renewed every third of it)",
+                    humantime::format_duration(self.database.batch_lease),
+                    humantime::format_duration(MIN_BATCH_LEASE)
+                ),
+            ));
+        }
+        if let Some(name) = &self.database.process_name
+            && name.trim().is_empty()
+        {
+            return Err(invalid(
+                "database.process_name".into(),
+                "must not be empty".into(),
+            ));
+        }
         check_policy(&self.defaults).map_err(|(k, m)| invalid(format!("defaults.{k}"), m))?;
         let mut names = std::collections::HashSet::new();
         for (i, cs) in self.client_systems.iter().enumerate() {
@@ -669,6 +702,15 @@ impl Config {
         (!dir.as_os_str().is_empty()).then(|| self.resolve(dir))
     }
 
+    /// This process's name among those sharing the queue: `database.process_name`, or
+    /// `<host name>:<API port>`.
+    pub fn process_name(&self) -> String {
+        match &self.database.process_name {
+            Some(name) => name.clone(),
+            None => format!("{}:{}", crate::queue::host_name(), self.api.listen.port()),
+        }
+    }
+
     /// The names of the configured Client Systems, in order.
     pub fn client_system_names(&self) -> Vec<String> {
         self.client_systems.iter().map(|c| c.name.clone()).collect()
@@ -684,6 +726,9 @@ impl Config {
         }
     }
 }
+
+/// The shortest `database.batch_lease` accepted.
+pub const MIN_BATCH_LEASE: Duration = Duration::from_secs(1);
 
 /// The environment variable that overrides `[database] url`.
 pub const DATABASE_URL_VARIABLE: &str = "SYNCD_DATABASE_URL";

@@ -143,6 +143,31 @@ impl Monitor {
         })
     }
 
+    /// Another process sharing the queue found the Client System offline, and this one
+    /// has heard nothing from it since: offline here too, until a probe or a request
+    /// gets an answer.
+    pub fn adopt_offline(&mut self, now_ms: i64, reason: &str) -> Option<Event> {
+        if self.status.state == State::Offline {
+            return None;
+        }
+        self.status.consecutive_failures = self.status.consecutive_failures.max(OFFLINE_THRESHOLD);
+        self.status.last_failure = Some(reason.to_owned());
+        self.change(State::Offline, now_ms);
+        self.status.outages += 1;
+        Some(Event::Disconnected {
+            client_system: self.client_system.clone(),
+            at_ms: now_ms,
+            reason: reason.to_owned(),
+        })
+    }
+
+    /// When the Client System last answered, if the last evidence was an answer.
+    pub fn last_answer_ms(&self) -> Option<i64> {
+        (self.status.consecutive_failures == 0)
+            .then_some(self.status.last_check_ms)
+            .flatten()
+    }
+
     /// What the monitor says, up to the last change of state (see
     /// [`Connectivity::as_of`] for the time since).
     pub fn status(&self) -> &Connectivity {

@@ -687,6 +687,42 @@ async fn status(config_path: &Path, json: bool) -> Result<()> {
             println!("  {label:<20} {value}");
         }
     }
+    let processes: Vec<&serde_json::Value> =
+        body["processes"].as_array().into_iter().flatten().collect();
+    if processes.len() > 1 || processes.iter().any(|p| p["this"] != true) {
+        println!();
+        println!("processes sharing the queue");
+        for p in processes {
+            let batches: Vec<String> = p["batches"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    format!(
+                        "{} {} (lease until {})",
+                        b["client_system"].as_str().unwrap_or("?"),
+                        b["batch_id"].as_str().unwrap_or("?"),
+                        time(&b["lease_until_ms"])
+                    )
+                })
+                .collect();
+            println!(
+                "  {:<20} {}pid {} on {}, syncd {}, started {}, last seen {}; holds {}",
+                p["name"].as_str().unwrap_or("?"),
+                if p["this"] == true { "(this) " } else { "" },
+                p["pid"],
+                p["host"].as_str().unwrap_or("?"),
+                p["version"].as_str().unwrap_or("?"),
+                time(&p["started_at_ms"]),
+                time(&p["last_seen_ms"]),
+                if batches.is_empty() {
+                    "no batch".to_owned()
+                } else {
+                    batches.join(", ")
+                }
+            );
+        }
+    }
     Ok(())
 }
 

@@ -108,6 +108,7 @@ pub struct Supervisor {
     running: BTreeMap<String, Running>,
     workers: Workers,
     status: SharedConfigStatus,
+    started_at_ms: i64,
 }
 
 impl Supervisor {
@@ -137,9 +138,11 @@ impl Supervisor {
             events,
             running: BTreeMap::new(),
             workers: Workers::default(),
+            started_at_ms: status.loaded_at_ms,
             status: Arc::new(std::sync::RwLock::new(status)),
             config,
         };
+        supervisor.queue.report_alive(supervisor.started_at_ms).await?;
         supervisor.forget_unconfigured().await?;
         for cs in supervisor.config.client_systems.clone() {
             supervisor
@@ -189,6 +192,14 @@ impl Supervisor {
         let configured = self.config.client_system_names();
         for name in self.queue.client_systems().await? {
             if !configured.contains(&name) {
+                if let Some(other) = self.other_process_alive().await? {
+                    warn!(
+                        client_system = %name,
+                        %other,
+                        "client system not configured here but kept in the queue: another process shares it"
+                    );
+                    continue;
+                }
                 let undelivered = self.queue.forget_client_system(&name).await?;
                 warn!(
                     client_system = %name,
@@ -312,7 +323,9 @@ impl Supervisor {
         }
     }
 
-    /// Stops every worker, each after its batch in flight, within [`SHUTDOWN_GRACE`].
+    /// Stops every worker, each after its batch in flight, within [`SHUTDOWN_GRACE`];
+    /// then gives back the batches this process holds, for the others sharing the
+    /// queue.
     pub async fn shutdown(mut self) {
         let running = std::mem::take(&mut self.running);
         let mut tasks = Vec::new();
@@ -321,6 +334,28 @@ impl Supervisor {
             tasks.push(worker.task);
         }
         join_within(tasks, SHUTDOWN_GRACE).await;
+        if let Err(error) = self.queue.leave().await {
+            warn!("could not give back this process's batches: {error:#}");
+        }
+    }
+
+    /// Says this process is alive, in the queue's registry of processes.
+    pub async fn report_alive(&self) {
+        if let Err(error) = self.queue.report_alive(self.started_at_ms).await {
+            warn!("cannot report this process alive in the queue: {error:#}");
+        }
+    }
+
+    /// Another process that shares the queue and was heard of within three leases.
+    async fn other_process_alive(&self) -> Result<Option<String>> {
+        let recent = self.clock.now_ms() - 3 * self.queue.batch_lease().as_millis() as i64;
+        Ok(self
+            .queue
+            .processes()
+            .await?
+            .into_iter()
+            .find(|p| !p.this && p.process.last_seen_ms >= recent)
+            .map(|p| p.process.name))
     }
 
     /// Reads the configuration file again and applies what changed, plugins included.
@@ -390,6 +425,21 @@ impl Supervisor {
             .collect();
         for name in removed {
             self.stop_worker(&name).await;
+            match self.other_process_alive().await {
+                Ok(Some(other)) => {
+                    report.changes.push(format!(
+                        "client system {name} removed from this process; still kept in the queue, which {other} shares"
+                    ));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    report.refused.push(format!(
+                        "client system {name} stopped, but not forgotten in the queue: {error:#}"
+                    ));
+                    continue;
+                }
+            }
             match self.queue.forget_client_system(&name).await {
                 Ok(undelivered) => report.changes.push(format!(
                     "client system {name} removed; the {undelivered} readings it had not received are no longer kept for it"
@@ -682,11 +732,17 @@ pub async fn supervise(
     let mut watcher = FileWatcher::new(changed);
     watcher.watch(&supervisor.watched_files());
     let mut hangups = hangup_signals();
+    let mut alive = tokio::time::interval(supervisor.queue.batch_lease() / 3);
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     async {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = alive.tick() => {
+                    supervisor.report_alive().await;
+                    continue;
+                }
                 Some(reply) = requests.recv() => {
                     info!("reload requested");
                     let outcome = supervisor.reload().await;

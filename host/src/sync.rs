@@ -371,7 +371,27 @@ pub struct Worker {
     read_ahead: Option<ReadAhead>,
     /// What it publishes about itself.
     status: SharedStatus,
+    /// What it shares with the other processes of a shared queue.
+    shared: Shared,
 }
+
+/// Connectivity shared through the queue with the other processes using it.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Whether to look at what the others found (on PostgreSQL, where there may be
+    /// others).
+    check: bool,
+    /// When to look next, ms since the Unix epoch.
+    next_check_ms: i64,
+    /// The last report read (its time), so that each is acted on once.
+    seen_report_ms: i64,
+    /// A change of state seen here and not yet reported: online or not, since when.
+    to_report: Option<(bool, i64)>,
+}
+
+/// How often a worker looks at what the other processes sharing its queue found of
+/// its Client System's connectivity (and at the remote configuration they downloaded).
+pub const SHARED_STATE_CHECK: Duration = Duration::from_secs(2);
 
 /// Readings read ahead: the `rows` after id `after`.
 struct ReadAhead {
@@ -432,6 +452,7 @@ impl Worker {
             events,
         } = settings;
         let policy = local_policy.effective();
+        let queue_is_shared = queue.is_postgres();
         let status = WorkerStatus {
             client_system: name.clone(),
             encoder: PluginStatus::of(&encoder, clock.now_ms()),
@@ -467,6 +488,11 @@ impl Worker {
             next_config_fetch_ms: now,
             read_ahead: None,
             status: Arc::new(std::sync::RwLock::new(status)),
+            shared: Shared {
+                check: queue_is_shared,
+                next_check_ms: now,
+                ..Shared::default()
+            },
         }
     }
 
@@ -512,7 +538,10 @@ impl Worker {
     /// When the next periodic chore is due.
     fn next_chore_ms(&self) -> i64 {
         let probe = self.monitor.next_probe_ms(self.policy.connectivity_check);
-        let chore = self.next_heartbeat_ms.min(probe);
+        let mut chore = self.next_heartbeat_ms.min(probe);
+        if self.shared.check {
+            chore = chore.min(self.shared.next_check_ms);
+        }
         if self.accepts_remote_config {
             chore.min(self.next_config_fetch_ms)
         } else {
@@ -522,9 +551,72 @@ impl Worker {
 
     /// Does the periodic chores that are due.
     async fn chores(&mut self) {
+        self.share_if_due().await;
         self.probe_if_due().await;
         self.refresh_config_if_due().await;
         self.heartbeat_if_due().await;
+    }
+
+    /// Tells the other processes sharing the queue what this one found of the Client
+    /// System's connectivity, and learns what they found: a Client System another
+    /// process saw come back is probed at once (so deliveries resume here too); one
+    /// another process found offline, and this one has not heard from since, is
+    /// offline here too (no retries spent on it). A remote configuration another
+    /// process downloaded, newer than the one in force, is applied.
+    async fn share_if_due(&mut self) {
+        if let Some((online, since_ms)) = self.shared.to_report.take()
+            && let Err(error) = self
+                .queue
+                .report_connectivity(&self.name, online, since_ms)
+                .await
+        {
+            debug!("cannot share the connectivity found: {error:#}");
+        }
+        let now = self.clock.now_ms();
+        if !self.shared.check || now < self.shared.next_check_ms {
+            return;
+        }
+        self.shared.next_check_ms = now.saturating_add(millis(SHARED_STATE_CHECK));
+        match self.queue.shared_connectivity(&self.name).await {
+            Ok(Some(report))
+                if report.reported_by != self.queue.process_name()
+                    && report.reported_at_ms > self.shared.seen_report_ms =>
+            {
+                self.shared.seen_report_ms = report.reported_at_ms;
+                if report.online && self.monitor.state() == State::Offline {
+                    info!(process = %report.reported_by, "another process found the client system reachable: probing now");
+                    self.probe().await;
+                } else if !report.online
+                    && self.monitor.state() != State::Offline
+                    && self
+                        .monitor
+                        .last_answer_ms()
+                        .is_none_or(|answered| answered < report.since_ms)
+                {
+                    let reason = format!("found offline by process {}", report.reported_by);
+                    let event = self.monitor.adopt_offline(now, &reason);
+                    // Already known to the others: not reported back.
+                    self.publish_connectivity(event);
+                    self.shared.to_report = None;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => debug!("cannot read the shared connectivity: {error:#}"),
+        }
+        if self.accepts_remote_config {
+            match self.queue.remote_config(&self.name).await {
+                Ok(Some(stored))
+                    if self
+                        .remote
+                        .as_ref()
+                        .is_none_or(|r| r.stored.fetched_at_ms < stored.fetched_at_ms) =>
+                {
+                    self.take_remote_config(stored, "shared").await;
+                }
+                Ok(_) => {}
+                Err(error) => debug!("cannot read the kept remote configuration: {error:#}"),
+            }
+        }
     }
 
     /// Probes the Client System if nothing has been heard of it for
@@ -572,6 +664,10 @@ impl Worker {
         let Some(event) = event else {
             return;
         };
+        self.shared.to_report = Some(match &event {
+            Event::Connected { at_ms, .. } => (true, *at_ms),
+            Event::Disconnected { at_ms, .. } => (false, *at_ms),
+        });
         match &event {
             Event::Connected {
                 after_outage_ms: Some(ms),
@@ -919,7 +1015,7 @@ impl Worker {
                     return Ok(());
                 }
             }
-            if let Some(batch) = self.queue.pending_batch(&self.name).await? {
+            if let Some(batch) = self.queue.claim_batch(&self.name).await? {
                 self.read_ahead = None;
                 // A batch held back by an outage goes as soon as the Client System has
                 // answered since.
@@ -930,6 +1026,10 @@ impl Worker {
                     let until = Until::At(batch.next_attempt_at_ms);
                     if let Wake::Shutdown = self.pause(until, shutdown).await {
                         return Ok(());
+                    }
+                    if !self.queue.renew_lease(&batch).await? {
+                        debug!(batch_id = %batch.id, "batch taken over by another process meanwhile");
+                        continue;
                     }
                 }
                 let readings = self.queue.batch_readings(&batch).await?;
@@ -980,13 +1080,16 @@ impl Worker {
             );
             async move { (after, queue.readings_after(after, size).await) }
         });
+        let queue = self.queue.clone();
         let verdict = if readings.is_empty() {
             // Every reading of the range was deleted behind syncd's back (by an
             // operator): there is nothing left to deliver.
             Verdict::Accepted
         } else if let Some(read_ahead) = read_ahead {
-            let (verdict, (after, rows)) =
-                tokio::join!(self.deliver(&batch, number, readings), read_ahead);
+            let (verdict, (after, rows)) = while_leased(&queue, &batch, async {
+                tokio::join!(self.deliver(&batch, number, readings), read_ahead)
+            })
+            .await;
             match rows {
                 Ok(rows) => self.read_ahead = Some(ReadAhead { after, rows }),
                 // Not an error of this batch: the next one is read the usual way.
@@ -994,7 +1097,7 @@ impl Worker {
             }
             verdict
         } else {
-            self.deliver(&batch, number, readings).await
+            while_leased(&queue, &batch, self.deliver(&batch, number, readings)).await
         };
         let verdict = self.judge_unanswered(&batch, verdict).await;
         let attempt = Attempt {
@@ -1233,6 +1336,27 @@ impl Worker {
             // Cut off while the Client System did not answer: the outage, not the plugin.
             Err(CallError::Deadline(_)) if tally.unreachable() => unreachable(&tally),
             Err(error) => self.plugin_failure(Which::Transport, error),
+        }
+    }
+}
+
+/// Runs `work` on a batch, renewing this process's lease of it every third of the
+/// lease meanwhile, so that no other process takes it over while it is being sent.
+async fn while_leased<T>(queue: &Queue, batch: &Batch, work: impl Future<Output = T>) -> T {
+    tokio::pin!(work);
+    let every = queue.batch_lease() / 3;
+    let mut held = true;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            () = tokio::time::sleep(every), if held => match queue.renew_lease(batch).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(batch_id = %batch.id, "lease of the batch in flight lost (this process stalled longer than batch_lease): another process may send it too");
+                    held = false;
+                }
+                Err(error) => warn!(batch_id = %batch.id, "cannot renew the lease of the batch in flight: {error:#}"),
+            },
         }
     }
 }

@@ -185,6 +185,10 @@ pub struct Stats {
     pub duplicates: u64,
     /// Heartbeats received.
     pub heartbeats: u64,
+    /// Uploads of a batch that came while another upload of the same batch (the same
+    /// idempotency key) was still being answered: a batch sent by two senders at once.
+    #[serde(default)]
+    pub overlapping: u64,
 }
 
 /// A reading as stored.
@@ -224,6 +228,8 @@ struct AppState {
     faults: Mutex<VecDeque<Fault>>,
     remote_config: Mutex<Option<serde_json::Value>>,
     duplicates: Mutex<u64>,
+    in_flight: Mutex<HashSet<String>>,
+    overlapping: Mutex<u64>,
     heartbeats: Mutex<Vec<serde_json::Value>>,
     chaos: Mutex<Option<ChaosState>>,
     chaos_drawn: Mutex<BTreeMap<&'static str, u64>>,
@@ -274,6 +280,8 @@ impl Server {
             faults: Mutex::default(),
             remote_config: Mutex::default(),
             duplicates: Mutex::default(),
+            in_flight: Mutex::default(),
+            overlapping: Mutex::default(),
             heartbeats: Mutex::default(),
             chaos: Mutex::default(),
             chaos_drawn: Mutex::default(),
@@ -472,6 +480,7 @@ async fn upload(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    let _in_flight = InFlight::enter(&state, &headers);
     let fault = lock(&state.faults).pop_front().or_else(|| {
         let (kind, fault) = lock(&state.chaos).as_mut()?.draw()?;
         *lock(&state.chaos_drawn).entry(kind).or_default() += 1;
@@ -503,6 +512,39 @@ async fn upload(
         return truncated(response).await;
     }
     response
+}
+
+/// An upload being answered, by its idempotency key: counted as overlapping when the
+/// same key is being answered already; forgotten when the answer is done (or the
+/// connection dropped).
+struct InFlight<'a> {
+    state: &'a AppState,
+    key: Option<String>,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a AppState, headers: &HeaderMap) -> Self {
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(key) = &key
+            && !lock(&state.in_flight).insert(key.clone())
+        {
+            *lock(&state.overlapping) += 1;
+            // Not ours to forget: the first upload still holds it.
+            return Self { state, key: None };
+        }
+        Self { state, key }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            lock(&self.state.in_flight).remove(key);
+        }
+    }
 }
 
 /// `response` with only the first half of its body sent: the connection is then
@@ -663,6 +705,7 @@ async fn stats(state: &AppState) -> Result<Stats> {
         readings: count("SELECT COUNT(*) FROM readings").await?,
         duplicates: *lock(&state.duplicates),
         heartbeats: lock(&state.heartbeats).len() as u64,
+        overlapping: *lock(&state.overlapping),
     })
 }
 

@@ -85,6 +85,11 @@ pub mod batch {
         pub last_error: Option<String>,
         /// When the batch was made.
         pub created_at_ms: i64,
+        /// The process sending it, while its lease lasts.
+        pub leased_by: Option<String>,
+        /// Until when `leased_by` holds it, milliseconds since the Unix epoch; after
+        /// that any process may take it over.
+        pub lease_until_ms: i64,
     }
 
     /// No relations.
@@ -183,6 +188,64 @@ pub mod remote_config {
         pub body: String,
         /// When it was downloaded, milliseconds since the Unix epoch.
         pub fetched_at_ms: i64,
+    }
+
+    /// No relations.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `processes`: the syncd processes using the queue.
+pub mod process {
+    use sea_orm::entity::prelude::*;
+
+    /// One process, as it last reported itself.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Serialize)]
+    #[sea_orm(table_name = "processes")]
+    pub struct Model {
+        /// Its name in the queue (`database.process_name`).
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        /// The machine it runs on.
+        pub host: String,
+        /// Its process id there.
+        pub pid: i64,
+        /// syncd's version.
+        pub version: String,
+        /// When it started, milliseconds since the Unix epoch.
+        pub started_at_ms: i64,
+        /// When it last said it was alive.
+        pub last_seen_ms: i64,
+    }
+
+    /// No relations.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `connectivity`: per Client System, the last change of reachability any process saw.
+pub mod connectivity {
+    use sea_orm::entity::prelude::*;
+
+    /// The last online/offline change seen for one Client System.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "connectivity")]
+    pub struct Model {
+        /// The Client System's name.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub client_system: String,
+        /// `online` or `offline`.
+        pub state: String,
+        /// Since when, milliseconds since the Unix epoch.
+        pub since_ms: i64,
+        /// The process that saw it.
+        pub reported_by: String,
+        /// When it said so.
+        pub reported_at_ms: i64,
     }
 
     /// No relations.

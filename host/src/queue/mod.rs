@@ -7,6 +7,14 @@
 //! under the same batch id. A reading is deleted once no Client System still needs it:
 //! every configured Client System has batched past it and no batch or dead letter
 //! covers it.
+//!
+//! Several processes may share one PostgreSQL queue. A batch is leased by the process
+//! that records or takes it, for `database.batch_lease` at a time and renewed while it
+//! works on it; another process takes it over only once the lease has run out (the
+//! holder died). Progress is advanced under a row lock on the Client System, and every
+//! transaction inserting readings takes the ingest lock before its ids are handed out
+//! (a trigger does it for writers that know nothing of syncd), so ids commit in order
+//! and "batched through id N" never passes a reading still to commit.
 
 pub mod entities;
 
@@ -26,16 +34,23 @@ use crate::config::Durability;
 use crate::reading::{NewReading, attributes_from_json, attributes_to_json};
 pub use entities::batch::Model as Batch;
 pub use entities::remote_config::Model as StoredRemoteConfig;
-use entities::{batch, client_system, dead_letter, reading, remote_config, sync_log};
+pub use entities::process::Model as Process;
+use entities::{
+    batch, client_system, connectivity, dead_letter, process, reading, remote_config, sync_log,
+};
+
+/// How long a batch stays with the process that took it, unless renewed, by default.
+pub const DEFAULT_BATCH_LEASE: Duration = Duration::from_secs(60);
 
 /// Rows per INSERT statement when enqueueing (SQLite allows 32766 bound values; a
 /// reading binds 7).
 const INSERT_CHUNK: usize = 1000;
 
-/// The PostgreSQL advisory lock every ingest transaction holds ("syncd" in ASCII). A
-/// program that inserts readings with plain SQL into a PostgreSQL queue must take it
-/// too (`SELECT pg_advisory_xact_lock(495958516580)` first in its transaction).
-pub const INGEST_LOCK_KEY: i64 = 495_958_516_580;
+pub use syncd_migrations::INGEST_LOCK_KEY;
+
+/// The PostgreSQL advisory lock of the process that prunes: one at a time, the others
+/// leave it to that one ("prune" in ASCII).
+const PRUNE_LOCK_KEY: i64 = 482_184_015_461;
 
 /// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
 const POSTGRES_POOL: u32 = 8;
@@ -78,6 +93,46 @@ pub struct Attempt {
 pub struct Queue {
     db: DatabaseConnection,
     max_readings: Option<u64>,
+    /// This process's name among those sharing the queue.
+    process: std::sync::Arc<str>,
+    /// How long a batch taken stays with this process unless renewed.
+    lease_ms: i64,
+}
+
+/// A process sharing the queue, with the batches it holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProcessStatus {
+    /// What it last said of itself.
+    #[serde(flatten)]
+    pub process: Process,
+    /// Whether it is this process.
+    pub this: bool,
+    /// The batches whose lease it holds: (Client System, batch id, lease until ms).
+    pub batches: Vec<HeldBatch>,
+}
+
+/// A batch held by a process.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HeldBatch {
+    /// The Client System.
+    pub client_system: String,
+    /// The batch.
+    pub batch_id: String,
+    /// Until when, ms since the Unix epoch.
+    pub lease_until_ms: i64,
+}
+
+/// The last change of a Client System's reachability any process reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedConnectivity {
+    /// Online or not.
+    pub online: bool,
+    /// Since when, ms since the Unix epoch.
+    pub since_ms: i64,
+    /// The process that saw it.
+    pub reported_by: String,
+    /// When it reported it.
+    pub reported_at_ms: i64,
 }
 
 /// Ingest refused: the queue holds `max_queue_readings` already.
@@ -218,7 +273,19 @@ impl Queue {
         Ok(Self {
             db,
             max_readings: None,
+            process: format!("{}:{}", host_name(), std::process::id()).into(),
+            lease_ms: DEFAULT_BATCH_LEASE.as_millis() as i64,
         })
+    }
+
+    /// This process's name among those sharing the queue.
+    pub fn process_name(&self) -> &str {
+        &self.process
+    }
+
+    /// Whether the queue is on PostgreSQL (and may be shared by several processes).
+    pub fn is_postgres(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Postgres
     }
 
     /// Opens the queue a configuration names, and registers its Client Systems.
@@ -226,6 +293,8 @@ impl Queue {
         let db = &config.database;
         let mut queue = Self::open(&db.url, db.durability, &config.base_dir).await?;
         queue.max_readings = db.max_queue_readings;
+        queue.process = config.process_name().into();
+        queue.lease_ms = db.batch_lease.as_millis() as i64;
         queue
             .register_client_systems(&config.client_system_names())
             .await?;
@@ -246,8 +315,10 @@ impl Queue {
         if txn.get_database_backend() == DbBackend::Postgres {
             // Progress is "batched through id N", which is only sound if readings commit
             // in id order. PostgreSQL hands out ids as transactions insert, and they may
-            // commit in another order; taking this lock first makes every ingest
-            // allocate and commit its ids in turn. (SQLite writes one at a time anyway.)
+            // commit in another order; holding this lock makes every ingest allocate and
+            // commit its ids in turn. The trigger on `readings` takes it for any writer;
+            // it is taken here already so that the room left is counted under it.
+            // (SQLite writes one at a time anyway.)
             txn.execute_raw(Statement::from_string(
                 DbBackend::Postgres,
                 format!("SELECT pg_advisory_xact_lock({INGEST_LOCK_KEY})"),
@@ -341,6 +412,9 @@ impl Queue {
         remote_config::Entity::delete_by_id(name.to_owned())
             .exec(&txn)
             .await?;
+        connectivity::Entity::delete_by_id(name.to_owned())
+            .exec(&txn)
+            .await?;
         prune(&txn).await?;
         txn.commit().await?;
         Ok(undelivered)
@@ -355,6 +429,73 @@ impl Queue {
             .await?)
     }
 
+    /// Takes the oldest batch of a Client System not acknowledged yet that no other
+    /// process holds (or whose holder's lease ran out): it is this process's for
+    /// `batch_lease` from now or from its retry time, whichever is later.
+    pub async fn claim_batch(&self, client_system: &str) -> Result<Option<Batch>> {
+        let now = crate::clock::now_ms();
+        let skip_locked = if self.is_postgres() {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE batches SET leased_by = $1, \
+               lease_until_ms = CASE WHEN next_attempt_at_ms > $2 THEN next_attempt_at_ms ELSE $2 END + $3 \
+             WHERE id = (SELECT id FROM batches WHERE client_system = $4 \
+               AND (leased_by IS NULL OR leased_by = $1 OR lease_until_ms < $2) \
+               ORDER BY first_reading_id LIMIT 1{skip_locked}) \
+             RETURNING *"
+        );
+        // SQLite numbers its parameters ?1, ?2…
+        let sql = if self.is_postgres() {
+            sql
+        } else {
+            sql.replace('$', "?")
+        };
+        let statement = Statement::from_sql_and_values(
+            self.db.get_database_backend(),
+            sql,
+            [
+                self.process.as_ref().into(),
+                now.into(),
+                self.lease_ms.into(),
+                client_system.into(),
+            ],
+        );
+        let claimed = batch::Entity::find()
+            .from_raw_sql(statement)
+            .one(&self.db)
+            .await?;
+        if let Some(batch) = &claimed
+            && batch.leased_by.as_deref() != Some(&*self.process)
+        {
+            anyhow::bail!("batch {} was leased to another process", batch.id);
+        }
+        Ok(claimed)
+    }
+
+    /// Extends this process's lease of a batch by `batch_lease` from now; false when
+    /// the batch is no longer this process's (acknowledged, or taken over after the
+    /// lease ran out).
+    pub async fn renew_lease(&self, batch: &Batch) -> Result<bool> {
+        let renewed = batch::Entity::update_many()
+            .col_expr(
+                batch::Column::LeaseUntilMs,
+                Expr::value(crate::clock::now_ms() + self.lease_ms),
+            )
+            .filter(batch::Column::Id.eq(batch.id.as_str()))
+            .filter(batch::Column::LeasedBy.eq(&*self.process))
+            .exec(&self.db)
+            .await?;
+        Ok(renewed.rows_affected == 1)
+    }
+
+    /// How long a lease lasts.
+    pub fn batch_lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms as u64)
+    }
+
     /// Records a new batch of up to `size` readings the Client System has not been
     /// sent yet, and returns it with its readings; none when there are none.
     pub async fn new_batch(
@@ -365,7 +506,7 @@ impl Queue {
         let txn = self.db.begin().await?;
         let progress = batched_through(&txn, client_system).await?;
         let rows = select_after(&txn, progress, size).await?;
-        let Some(record) = record_batch(&txn, client_system, &rows).await? else {
+        let Some(record) = self.record_batch(&txn, client_system, &rows).await? else {
             return Ok(None);
         };
         txn.commit().await?;
@@ -392,7 +533,7 @@ impl Queue {
         if batched_through(&txn, client_system).await? != after {
             return Ok(None);
         }
-        let record = record_batch(&txn, client_system, rows).await?;
+        let record = self.record_batch(&txn, client_system, rows).await?;
         txn.commit().await?;
         Ok(record)
     }
@@ -422,6 +563,7 @@ impl Queue {
 
     /// The attempt failed and the batch will be retried at `next_attempt_at_ms`;
     /// `attempts_used` is what counts towards its retries from now on.
+    /// The batch stays this process's until its retry time and `batch_lease` after.
     pub async fn schedule_retry(
         &self,
         batch: &Batch,
@@ -437,7 +579,12 @@ impl Queue {
                 Expr::value(next_attempt_at_ms),
             )
             .col_expr(batch::Column::LastError, Expr::value(attempt.error.clone()))
+            .col_expr(
+                batch::Column::LeaseUntilMs,
+                Expr::value(next_attempt_at_ms.max(crate::clock::now_ms()) + self.lease_ms),
+            )
             .filter(batch::Column::Id.eq(batch.id.as_str()))
+            .filter(batch::Column::LeasedBy.eq(&*self.process))
             .exec(&txn)
             .await?;
         log_attempt(&txn, attempt).await?;
@@ -548,6 +695,8 @@ impl Queue {
                 next_attempt_at_ms: Set(now),
                 last_error: Set(Some(format!("requeued from dead letters: {}", d.reason))),
                 created_at_ms: Set(d.created_at_ms),
+                leased_by: Set(None),
+                lease_until_ms: Set(0),
             }
             .insert(&txn)
             .await?;
@@ -647,6 +796,174 @@ impl Queue {
             .await?)
     }
 
+    /// Records `rows` as a new batch for the Client System and moves its progress past
+    /// them; none for no rows.
+    async fn record_batch(
+            &self,
+            txn: &DatabaseTransaction,
+        client_system: &str,
+        rows: &[QueuedReading],
+    ) -> Result<Option<Batch>> {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(None);
+        };
+        let now = crate::clock::now_ms();
+        let record = batch::ActiveModel {
+            id: Set(uuid::Uuid::now_v7().to_string()),
+            client_system: Set(client_system.to_owned()),
+            first_reading_id: Set(first.id),
+            last_reading_id: Set(last.id),
+            reading_count: Set(rows.len() as i32),
+            attempts: Set(0),
+            next_attempt_at_ms: Set(now),
+            last_error: Set(None),
+            created_at_ms: Set(now),
+            leased_by: Set(Some(self.process.to_string())),
+            lease_until_ms: Set(now + self.lease_ms),
+        }
+        .insert(txn)
+        .await?;
+        client_system::Entity::update_many()
+            .col_expr(client_system::Column::BatchedThrough, Expr::value(last.id))
+            .filter(client_system::Column::Name.eq(client_system))
+            .exec(txn)
+            .await?;
+        Ok(Some(record))
+    }
+
+    /// Says this process is alive, registering it on the first call; processes not
+    /// heard of for [`FORGET_PROCESS_AFTER`] are struck off.
+    pub async fn report_alive(&self, started_at_ms: i64) -> Result<()> {
+        use sea_orm::sea_query::OnConflict;
+        let now = crate::clock::now_ms();
+        let row = process::ActiveModel {
+            name: Set(self.process.to_string()),
+            host: Set(host_name()),
+            pid: Set(i64::from(std::process::id())),
+            version: Set(env!("CARGO_PKG_VERSION").to_owned()),
+            started_at_ms: Set(started_at_ms),
+            last_seen_ms: Set(now),
+        };
+        process::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(process::Column::Name)
+                    .update_columns([
+                        process::Column::Host,
+                        process::Column::Pid,
+                        process::Column::Version,
+                        process::Column::StartedAtMs,
+                        process::Column::LastSeenMs,
+                    ])
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        process::Entity::delete_many()
+            .filter(
+                process::Column::LastSeenMs
+                    .lt(now - FORGET_PROCESS_AFTER.as_millis() as i64),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// This process stops: it leaves the registry and gives back the batches it holds,
+    /// which any other process may then take at once.
+    pub async fn leave(&self) -> Result<()> {
+        let txn = self.db.begin().await?;
+        batch::Entity::update_many()
+            .col_expr(batch::Column::LeasedBy, Expr::value(Option::<String>::None))
+            .col_expr(batch::Column::LeaseUntilMs, Expr::value(0i64))
+            .filter(batch::Column::LeasedBy.eq(&*self.process))
+            .exec(&txn)
+            .await?;
+        process::Entity::delete_by_id(self.process.to_string())
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// The processes sharing the queue, each with the batches whose lease it holds.
+    pub async fn processes(&self) -> Result<Vec<ProcessStatus>> {
+        let now = crate::clock::now_ms();
+        let processes = process::Entity::find()
+            .order_by_asc(process::Column::Name)
+            .all(&self.db)
+            .await?;
+        let held = batch::Entity::find()
+            .filter(batch::Column::LeasedBy.is_not_null())
+            .filter(batch::Column::LeaseUntilMs.gte(now))
+            .order_by_asc(batch::Column::FirstReadingId)
+            .all(&self.db)
+            .await?;
+        Ok(processes
+            .into_iter()
+            .map(|process| ProcessStatus {
+                this: process.name == *self.process,
+                batches: held
+                    .iter()
+                    .filter(|b| b.leased_by.as_deref() == Some(&process.name))
+                    .map(|b| HeldBatch {
+                        client_system: b.client_system.clone(),
+                        batch_id: b.id.clone(),
+                        lease_until_ms: b.lease_until_ms,
+                    })
+                    .collect(),
+                process,
+            })
+            .collect())
+    }
+
+    /// Tells the other processes that this one found a Client System online or
+    /// offline (since `since_ms`).
+    pub async fn report_connectivity(
+        &self,
+        client_system: &str,
+        online: bool,
+        since_ms: i64,
+    ) -> Result<()> {
+        use sea_orm::sea_query::OnConflict;
+        let row = connectivity::ActiveModel {
+            client_system: Set(client_system.to_owned()),
+            state: Set(if online { "online" } else { "offline" }.to_owned()),
+            since_ms: Set(since_ms),
+            reported_by: Set(self.process.to_string()),
+            reported_at_ms: Set(crate::clock::now_ms()),
+        };
+        connectivity::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(connectivity::Column::ClientSystem)
+                    .update_columns([
+                        connectivity::Column::State,
+                        connectivity::Column::SinceMs,
+                        connectivity::Column::ReportedBy,
+                        connectivity::Column::ReportedAtMs,
+                    ])
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The last change of a Client System's reachability any process reported.
+    pub async fn shared_connectivity(
+        &self,
+        client_system: &str,
+    ) -> Result<Option<SharedConnectivity>> {
+        Ok(connectivity::Entity::find_by_id(client_system.to_owned())
+            .one(&self.db)
+            .await?
+            .map(|row| SharedConnectivity {
+                online: row.state == "online",
+                since_ms: row.since_ms,
+                reported_by: row.reported_by,
+                reported_at_ms: row.reported_at_ms,
+            }))
+    }
+
     /// The last good remote configuration kept for a Client System.
     pub async fn remote_config(&self, client_system: &str) -> Result<Option<StoredRemoteConfig>> {
         Ok(remote_config::Entity::find_by_id(client_system.to_owned())
@@ -687,6 +1004,19 @@ impl Queue {
     }
 }
 
+/// A process not heard of for this long is struck off the registry.
+pub const FORGET_PROCESS_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// This machine's name, for naming processes.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 /// How long opening a PostgreSQL queue may wait for the server before it says why it
 /// cannot (a wrong address or a server that is down should not look like a hang).
 const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -725,8 +1055,14 @@ async fn connect_and_migrate(options: ConnectOptions) -> Result<DatabaseConnecti
 }
 
 /// How far a Client System has been batched: the last reading id in a batch for it.
+/// On PostgreSQL the Client System's row stays locked to the end of the transaction,
+/// so that two processes never record batches from the same progress.
 async fn batched_through(txn: &DatabaseTransaction, client_system: &str) -> Result<i64> {
-    Ok(client_system::Entity::find_by_id(client_system)
+    let mut find = client_system::Entity::find_by_id(client_system);
+    if txn.get_database_backend() == DbBackend::Postgres {
+        find = find.lock_exclusive();
+    }
+    Ok(find
         .one(txn)
         .await?
         .with_context(|| format!("client system {client_system} is not registered"))?
@@ -746,38 +1082,6 @@ async fn select_after(
         .all(db)
         .await?;
     Ok(rows.into_iter().map(into_queued).collect())
-}
-
-/// Records `rows` as a new batch for the Client System and moves its progress past
-/// them; none for no rows.
-async fn record_batch(
-    txn: &DatabaseTransaction,
-    client_system: &str,
-    rows: &[QueuedReading],
-) -> Result<Option<Batch>> {
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
-        return Ok(None);
-    };
-    let now = crate::clock::now_ms();
-    let record = batch::ActiveModel {
-        id: Set(uuid::Uuid::now_v7().to_string()),
-        client_system: Set(client_system.to_owned()),
-        first_reading_id: Set(first.id),
-        last_reading_id: Set(last.id),
-        reading_count: Set(rows.len() as i32),
-        attempts: Set(0),
-        next_attempt_at_ms: Set(now),
-        last_error: Set(None),
-        created_at_ms: Set(now),
-    }
-    .insert(txn)
-    .await?;
-    client_system::Entity::update_many()
-        .col_expr(client_system::Column::BatchedThrough, Expr::value(last.id))
-        .filter(client_system::Column::Name.eq(client_system))
-        .exec(txn)
-        .await?;
-    Ok(Some(record))
 }
 
 async fn insert_readings(txn: &DatabaseTransaction, readings: &[NewReading]) -> Result<()> {
@@ -837,6 +1141,21 @@ async fn log_attempt(txn: &DatabaseTransaction, a: Attempt) -> Result<()> {
 
 /// Deletes every reading no Client System still needs; returns how many.
 async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        // Two processes deleting the same rows would wait on each other (or deadlock);
+        // what one leaves, the next acknowledgement prunes.
+        let (taken,): (bool,) = txn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT pg_try_advisory_xact_lock({PRUNE_LOCK_KEY})"),
+            ))
+            .await?
+            .context("no answer to the prune lock")?
+            .try_get_many_by_index()?;
+        if !taken {
+            return Ok(0);
+        }
+    }
     let batched: Option<i64> = client_system::Entity::find()
         .select_only()
         .column_as(client_system::Column::BatchedThrough.min(), "m")
