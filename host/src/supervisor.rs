@@ -142,7 +142,10 @@ impl Supervisor {
             status: Arc::new(std::sync::RwLock::new(status)),
             config,
         };
-        supervisor.queue.report_alive(supervisor.started_at_ms).await?;
+        supervisor
+            .queue
+            .report_alive(supervisor.started_at_ms)
+            .await?;
         supervisor.forget_unconfigured().await?;
         for cs in supervisor.config.client_systems.clone() {
             supervisor

@@ -102,7 +102,11 @@ impl MigrationTrait for Migration {
                             .big_integer()
                             .not_null(),
                     )
-                    .col(ColumnDef::new(Processes::LastSeenMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(Processes::LastSeenMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -118,7 +122,11 @@ impl MigrationTrait for Migration {
                             .primary_key(),
                     )
                     .col(ColumnDef::new(Connectivity::State).text().not_null())
-                    .col(ColumnDef::new(Connectivity::SinceMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(Connectivity::SinceMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(Connectivity::ReportedBy).text().not_null())
                     .col(
                         ColumnDef::new(Connectivity::ReportedAtMs)

@@ -33,8 +33,8 @@ use syncd_migrations::{Migrator, MigratorTrait};
 use crate::config::Durability;
 use crate::reading::{NewReading, attributes_from_json, attributes_to_json};
 pub use entities::batch::Model as Batch;
-pub use entities::remote_config::Model as StoredRemoteConfig;
 pub use entities::process::Model as Process;
+pub use entities::remote_config::Model as StoredRemoteConfig;
 use entities::{
     batch, client_system, connectivity, dead_letter, process, reading, remote_config, sync_log,
 };
@@ -799,8 +799,8 @@ impl Queue {
     /// Records `rows` as a new batch for the Client System and moves its progress past
     /// them; none for no rows.
     async fn record_batch(
-            &self,
-            txn: &DatabaseTransaction,
+        &self,
+        txn: &DatabaseTransaction,
         client_system: &str,
         rows: &[QueuedReading],
     ) -> Result<Option<Batch>> {
@@ -859,10 +859,7 @@ impl Queue {
             .exec(&self.db)
             .await?;
         process::Entity::delete_many()
-            .filter(
-                process::Column::LastSeenMs
-                    .lt(now - FORGET_PROCESS_AFTER.as_millis() as i64),
-            )
+            .filter(process::Column::LastSeenMs.lt(now - FORGET_PROCESS_AFTER.as_millis() as i64))
             .exec(&self.db)
             .await?;
         Ok(())

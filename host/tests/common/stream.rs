@@ -27,9 +27,20 @@ pub fn stream_readings(
     ingested: Arc<Mutex<Ingested>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    stream_readings_from(api, 0, pause, ingested, stop)
+}
+
+/// [`stream_readings`] with sequence numbers from `first`.
+pub fn stream_readings_from(
+    api: String,
+    first: u64,
+    pause: Duration,
+    ingested: Arc<Mutex<Ingested>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let http = syncd::daemon::http_client().expect("an HTTP client");
-        let mut next: u64 = 0;
+        let mut next: u64 = first;
         while !*stop.borrow() {
             let seqs: Vec<u64> = (next..next + PER_POST).collect();
             let body: Vec<_> = seqs

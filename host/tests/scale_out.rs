@@ -1,0 +1,370 @@
+//! Several syncd processes sharing one PostgreSQL queue: readings ingested through
+//! each of them and by plain SQL, one process killed mid-run, every reading delivered
+//! once, no batch sent by two processes at the same time.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::stream::{EPOCH_MS, Ingested, assert_exactly_once, stream_readings_from};
+use common::{Backend, Site, eventually, free_addr};
+use sea_orm::{ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
+
+/// A `syncd run` process, killed when dropped.
+struct Process {
+    child: Child,
+    api: String,
+}
+
+impl Process {
+    fn spawn(config: &std::path::Path, api: String, log: &std::path::Path) -> Self {
+        let out = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_syncd"))
+            .args(["-c", config.to_str().unwrap(), "run"])
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("the daemon starts");
+        Self { child, api }
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        syncd::daemon::http_client()
+            .unwrap()
+            .get(format!("{}/v1/status", self.api))
+            .send()
+            .await
+            .expect("status answers")
+            .json()
+            .await
+            .expect("status is JSON")
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL sent");
+        self.child.wait().expect("the daemon is reaped");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The site's sync.toml for process `i`: its own API port and process name.
+fn process_config(site: &Site, i: usize) -> (std::path::PathBuf, String) {
+    let text = std::fs::read_to_string(site.config_path()).expect("config read");
+    let addr = free_addr();
+    let text = text
+        .replace(&site.config.api.listen.to_string(), &addr.to_string())
+        .replace(
+            "[database]\n",
+            &format!("[database]\nprocess_name = \"p{i}\"\n"),
+        );
+    let path = site.config_path().with_file_name(format!("sync-{i}.toml"));
+    std::fs::write(&path, text).expect("config written");
+    (path, format!("http://{addr}"))
+}
+
+/// Inserts readings with plain SQL, as a collection service would, in transactions
+/// that stay open a while after their INSERT (so that they commit after others that
+/// began later), knowing nothing of syncd's locks. Sequence numbers from `first`.
+fn sql_writer(
+    url: String,
+    first: u64,
+    seed: u64,
+    ingested: Arc<Mutex<Ingested>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let db = Database::connect(&url).await.expect("SQL writer connects");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut next = first;
+        while !*stop.borrow() {
+            let seqs: Vec<u64> = (next..next + 10).collect();
+            let values: Vec<String> = seqs
+                .iter()
+                .map(|seq| {
+                    format!(
+                        "('sql-{}', 'import-kwh', {}, {seq}, 'kWh', 'good')",
+                        seq % 7,
+                        EPOCH_MS + *seq as i64
+                    )
+                })
+                .collect();
+            let txn = db.begin().await.expect("transaction");
+            txn.execute_unprepared(&format!(
+                "INSERT INTO readings (meter_id, channel, timestamp_ms, value, unit, quality) VALUES {}",
+                values.join(",")
+            ))
+            .await
+            .expect("readings inserted");
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..60))).await;
+            txn.commit().await.expect("committed");
+            ingested.lock().unwrap().accepted.extend(&seqs);
+            next += 10;
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..40))).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_processes_one_killed_every_reading_delivered_once() {
+    let site = Site::build(
+        Backend::Postgres,
+        "scale_out",
+        "batch_lease = \"3s\"",
+        &[(
+            "meterit",
+            "interval = \"200ms\"\nbatch_size = 40\nconnectivity_check = \"1s\"\nbackoff = { initial = \"100ms\", max = \"500ms\" }\nmax_retries = 30",
+        )],
+    )
+    .await;
+    let url = site.config.database.url.clone();
+    let dir = site.config_path().parent().unwrap().to_owned();
+    let mut processes: Vec<Process> = (0..3)
+        .map(|i| {
+            let (config, api) = process_config(&site, i);
+            Process::spawn(&config, api, &dir.join(format!("p{i}.log")))
+        })
+        .collect();
+    for p in &processes {
+        let api = p.api.clone();
+        eventually(Duration::from_secs(30), "each process answers", || {
+            let api = api.clone();
+            async move {
+                let http = syncd::daemon::http_client().unwrap();
+                http.get(format!("{api}/healthz")).send().await.is_ok()
+            }
+        })
+        .await;
+    }
+    // Some uploads answered slowly (after storing), so that batches are in flight
+    // when the process is killed.
+    site.client()
+        .inject_faults((0..200).map(|i| client_system::Fault {
+            store: true,
+            delay_ms: Some(if i % 4 == 0 { 700 } else { 20 }),
+            ..Default::default()
+        }));
+
+    let ingested = Arc::new(Mutex::new(Ingested::default()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop_killed, killed_stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (i, p) in processes.iter().enumerate() {
+        let stop = if i == 1 {
+            killed_stopped.clone()
+        } else {
+            stopped.clone()
+        };
+        tasks.push(stream_readings_from(
+            p.api.clone(),
+            i as u64 * 1_000_000,
+            Duration::from_millis(20),
+            Arc::clone(&ingested),
+            stop,
+        ));
+    }
+    for w in 0..2u64 {
+        tasks.push(sql_writer(
+            url.clone(),
+            (3 + w) * 1_000_000,
+            w,
+            Arc::clone(&ingested),
+            stopped.clone(),
+        ));
+    }
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Kill process p1 while it has a batch in flight.
+    let mut held = None;
+    for _ in 0..400 {
+        let status = processes[1].status().await;
+        if let Some(batch) = status["client_systems"][0]["in_flight"].as_str() {
+            held = Some(batch.to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = held.expect("p1 had a batch in flight within 4 s");
+    processes[1].kill();
+    let _ = stop_killed.send(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _ = stop.send(true);
+    for task in tasks {
+        task.await.expect("ingest task");
+    }
+    let (accepted, unknown) = {
+        let ingested = ingested.lock().unwrap();
+        let mut accepted = ingested.accepted.clone();
+        accepted.sort_unstable();
+        (accepted, ingested.unknown.clone())
+    };
+    assert!(
+        accepted.len() > 1000,
+        "only {} readings ingested",
+        accepted.len()
+    );
+    let from_sql = accepted.iter().filter(|&&s| s >= 3_000_000).count();
+    assert!(from_sql > 100, "only {from_sql} readings inserted with SQL");
+
+    let queue = site.queue().await;
+    eventually(Duration::from_secs(60), "the queue drained", || {
+        let queue = queue.clone();
+        async move { queue.reading_count().await.unwrap() == 0 }
+    })
+    .await;
+    let stored = assert_exactly_once(site.client(), &accepted, &unknown).await;
+    assert!(stored.len() >= accepted.len());
+    assert!(queue.dead_letters().await.unwrap().is_empty());
+    let stats = site.client().stats().await.unwrap();
+    assert_eq!(
+        stats.overlapping, 0,
+        "a batch was sent by two processes at once"
+    );
+    // The batch p1 held was delivered by another process, after its lease.
+    let batches = site.client().stored_batches().await.unwrap();
+    assert!(
+        batches.iter().any(|b| b.batch_id == held),
+        "the batch p1 held ({held}) was never delivered"
+    );
+
+    // The survivors see each other, and p1 as last seen before its death.
+    let status = processes[0].status().await;
+    let names: Vec<&str> = status["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["p0", "p1", "p2"]);
+    let p1 = &status["processes"][1];
+    assert!(p1["batches"].as_array().unwrap().is_empty());
+    let now = syncd::clock::now_ms();
+    assert!(now - p1["last_seen_ms"].as_i64().unwrap() > 3000);
+    assert!(now - status["processes"][2]["last_seen_ms"].as_i64().unwrap() < 3000);
+    println!(
+        "{} readings ({} by SQL), {} batches stored, {} duplicates dropped",
+        accepted.len(),
+        from_sql,
+        stats.batches,
+        stats.duplicates
+    );
+}
+
+/// A transaction that inserted readings (a lower id) and commits after another that
+/// inserted later (a higher id): the first is not skipped, because the trigger on
+/// `readings` makes the second wait for the first to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_committed_late_with_a_lower_id_is_not_skipped() {
+    let site = Site::build(Backend::Postgres, "late_commit", "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    let db = Database::connect(&site.config.database.url).await.unwrap();
+    let slow = db.begin().await.unwrap();
+    slow.execute_unprepared(
+        "INSERT INTO readings (meter_id, channel, timestamp_ms, value, unit, quality) \
+         VALUES ('slow', '', 1, 1, '', '')",
+    )
+    .await
+    .unwrap();
+    let later = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.enqueue(&common::readings(1)).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!later.is_finished(), "the later ingest committed first");
+    assert!(
+        queue.new_batch("meterit", 100).await.unwrap().is_none(),
+        "nothing committed yet"
+    );
+    slow.commit().await.unwrap();
+    assert_eq!(later.await.unwrap(), 1);
+    let (batch, rows) = queue
+        .new_batch("meterit", 100)
+        .await
+        .unwrap()
+        .expect("a batch");
+    assert_eq!(rows.len(), 2, "both readings in the batch");
+    assert_eq!(rows[0].reading.meter_id, "slow");
+    assert_eq!(batch.reading_count, 2);
+
+    // The same from two plain SQL writers: the second waits for the first.
+    let first = db.begin().await.unwrap();
+    first
+        .execute_unprepared(
+            "INSERT INTO readings (meter_id, channel, timestamp_ms, value, unit, quality) \
+             VALUES ('first', '', 1, 1, '', '')",
+        )
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let url = site.config.database.url.clone();
+        async move {
+            let db = Database::connect(&url).await.unwrap();
+            db.execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "INSERT INTO readings (meter_id, channel, timestamp_ms, value, unit, quality) \
+                 VALUES ('second', '', 1, 1, '', '')",
+            ))
+            .await
+            .unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the second writer committed first");
+    first.commit().await.unwrap();
+    second.await.unwrap();
+    let (_, rows) = queue.new_batch("meterit", 100).await.unwrap().unwrap();
+    let meters: Vec<&str> = rows.iter().map(|r| r.reading.meter_id.as_str()).collect();
+    assert_eq!(meters, ["first", "second"]);
+}
+
+/// A batch is leased to one process at a time: another queue (process) cannot claim
+/// it until the lease runs out, then can; the first can then no longer renew it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_taken_over_only_after_its_lease() {
+    let site = Site::build(
+        Backend::Postgres,
+        "lease",
+        "batch_lease = \"1s\"",
+        &[("meterit", "")],
+    )
+    .await;
+    let one = site.queue().await;
+    let mut config = site.config.clone();
+    config.database.process_name = Some("other".into());
+    let two = syncd::queue::Queue::open_for(&config).await.unwrap();
+    assert_ne!(one.process_name(), two.process_name());
+    one.enqueue(&common::readings(5)).await.unwrap();
+    let (batch, _) = one.new_batch("meterit", 5).await.unwrap().unwrap();
+    assert!(two.claim_batch("meterit").await.unwrap().is_none());
+    assert_eq!(
+        one.claim_batch("meterit").await.unwrap().map(|b| b.id),
+        Some(batch.id.clone())
+    );
+    assert!(one.renew_lease(&batch).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let taken = two
+        .claim_batch("meterit")
+        .await
+        .unwrap()
+        .expect("taken over");
+    assert_eq!(taken.id, batch.id);
+    assert_eq!(taken.leased_by.as_deref(), Some("other"));
+    assert!(
+        !one.renew_lease(&batch).await.unwrap(),
+        "renewed a lost lease"
+    );
+    assert!(one.claim_batch("meterit").await.unwrap().is_none());
+    // A process that stops gives its batches back at once.
+    two.leave().await.unwrap();
+    assert_eq!(
+        one.claim_batch("meterit").await.unwrap().map(|b| b.id),
+        Some(batch.id)
+    );
+}
