@@ -114,7 +114,7 @@ fn main() -> ExitCode {
 }
 
 /// The benchmarks, each writing `target/bench/<name>.json`.
-const BENCHES: &[&str] = &["queue", "reload", "e2e", "process"];
+const BENCHES: &[&str] = &["queue", "reload", "e2e", "process", "scale_out"];
 
 /// Builds the plugins, then runs the benchmarks in release mode; extra arguments go
 /// to the benchmarks. Then gathers their figures into `target/bench/bench.json`, with
@@ -195,6 +195,16 @@ fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
     show(
         "CPU at steady load, share of one core",
         figure("/process/steady_cpu_share_of_one_core"),
+        "",
+    );
+    show(
+        "PostgreSQL, 2 processes / 1",
+        figure("/scale_out/two_over_one"),
+        "",
+    );
+    show(
+        "PostgreSQL, 3 processes / 1",
+        figure("/scale_out/three_over_one"),
         "",
     );
     Ok(())

@@ -145,11 +145,6 @@ impl Writer {
         self.buf
     }
 
-    #[cfg(test)]
-    pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).unwrap()
-    }
-
     /// The next `n` bytes of the buffer, made room for. Moves nothing forward.
     #[inline(always)]
     fn room(&mut self, n: usize) -> &mut [u8] {
