@@ -555,6 +555,7 @@ impl Worker {
         self.probe_if_due().await;
         self.refresh_config_if_due().await;
         self.heartbeat_if_due().await;
+        self.report_connectivity().await;
     }
 
     /// Tells the other processes sharing the queue what this one found of the Client
@@ -564,14 +565,7 @@ impl Worker {
     /// offline here too (no retries spent on it). A remote configuration another
     /// process downloaded, newer than the one in force, is applied.
     async fn share_if_due(&mut self) {
-        if let Some((online, since_ms)) = self.shared.to_report.take()
-            && let Err(error) = self
-                .queue
-                .report_connectivity(&self.name, online, since_ms)
-                .await
-        {
-            debug!("cannot share the connectivity found: {error:#}");
-        }
+        self.report_connectivity().await;
         let now = self.clock.now_ms();
         if !self.shared.check || now < self.shared.next_check_ms {
             return;
@@ -616,6 +610,18 @@ impl Worker {
                 Ok(_) => {}
                 Err(error) => debug!("cannot read the kept remote configuration: {error:#}"),
             }
+        }
+    }
+
+    /// Tells the other processes of a change of connectivity seen here, if any.
+    async fn report_connectivity(&mut self) {
+        if let Some((online, since_ms)) = self.shared.to_report.take()
+            && let Err(error) = self
+                .queue
+                .report_connectivity(&self.name, online, since_ms)
+                .await
+        {
+            debug!("{error:#}");
         }
     }
 

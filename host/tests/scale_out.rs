@@ -16,6 +16,7 @@ use sea_orm::{ConnectionTrait, Database, DbBackend, Statement, TransactionTrait}
 struct Process {
     child: Child,
     api: String,
+    config: std::path::PathBuf,
 }
 
 impl Process {
@@ -27,7 +28,11 @@ impl Process {
             .stderr(Stdio::from(out))
             .spawn()
             .expect("the daemon starts");
-        Self { child, api }
+        Self {
+            child,
+            api,
+            config: config.to_owned(),
+        }
     }
 
     async fn status(&self) -> serde_json::Value {
@@ -57,7 +62,12 @@ impl Drop for Process {
 
 /// The site's sync.toml for process `i`: its own API port and process name.
 fn process_config(site: &Site, i: usize) -> (std::path::PathBuf, String) {
-    let text = std::fs::read_to_string(site.config_path()).expect("config read");
+    process_config_with(site, i, "")
+}
+
+/// [`process_config`] with `client_extra` added to the (last) Client System's table.
+fn process_config_with(site: &Site, i: usize, client_extra: &str) -> (std::path::PathBuf, String) {
+    let text = std::fs::read_to_string(site.config_path()).expect("config read") + client_extra;
     let addr = free_addr();
     let text = text
         .replace(&site.config.api.listen.to_string(), &addr.to_string())
@@ -243,6 +253,15 @@ async fn three_processes_one_killed_every_reading_delivered_once() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["p0", "p1", "p2"]);
+    let shown = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(["-c", processes[0].config.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("processes sharing the queue"), "{shown}");
+    for line in ["p0 ", "(this)", "p1 ", "p2 "] {
+        assert!(shown.contains(line), "{line:?} not in {shown}");
+    }
     let p1 = &status["processes"][1];
     assert!(p1["batches"].as_array().unwrap().is_empty());
     let now = syncd::clock::now_ms();
@@ -367,4 +386,77 @@ async fn a_batch_is_taken_over_only_after_its_lease() {
         one.claim_batch("meterit").await.unwrap().map(|b| b.id),
         Some(batch.id)
     );
+}
+
+/// What one process finds, the others learn: p1 checks nothing by itself for an hour,
+/// yet goes offline when p0 finds the Client System gone, comes back when p0 finds it
+/// back, and applies the remote configuration p0 downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_share_connectivity_and_remote_configuration() {
+    let mut site = Site::build(
+        Backend::Postgres,
+        "shared_state",
+        "batch_lease = \"3s\"",
+        &[("meterit", "interval = \"1h\"\nheartbeat = \"1h\"\n")],
+    )
+    .await;
+    let dir = site.config_path().parent().unwrap().to_owned();
+    let extras = [
+        "connectivity_check = \"300ms\"\nconfig_refresh = \"500ms\"\n",
+        "connectivity_check = \"1h\"\nconfig_refresh = \"1h\"\n",
+    ];
+    let processes: Vec<Process> = extras
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let (config, api) = process_config_with(&site, i, extra);
+            Process::spawn(&config, api, &dir.join(format!("p{i}.log")))
+        })
+        .collect();
+    let state = |p: usize| {
+        let api = processes[p].api.clone();
+        async move {
+            let http = syncd::daemon::http_client().unwrap();
+            match http.get(format!("{api}/v1/status")).send().await {
+                Ok(r) => r.json::<serde_json::Value>().await.unwrap()["client_systems"][0].clone(),
+                Err(_) => serde_json::Value::Null,
+            }
+        }
+    };
+    for p in 0..2 {
+        eventually(Duration::from_secs(30), "both online", || async move {
+            state(p).await["connectivity"]["state"] == "online"
+        })
+        .await;
+    }
+
+    site.endpoints[0].stop().await;
+    eventually(
+        Duration::from_secs(10),
+        "p1 offline, as p0 found",
+        || async {
+            let cs = state(1).await;
+            cs["connectivity"]["state"] == "offline"
+                && cs["connectivity"]["last_failure"] == "found offline by process p0"
+        },
+    )
+    .await;
+    site.endpoints[0].start().await;
+    eventually(Duration::from_secs(10), "p1 online again", || async {
+        state(1).await["connectivity"]["state"] == "online"
+    })
+    .await;
+
+    site.client()
+        .set_remote_config("v2", serde_json::json!({ "batch_size": 7 }));
+    eventually(
+        Duration::from_secs(10),
+        "p1 applies what p0 downloaded",
+        || async {
+            let cs = state(1).await;
+            cs["remote_config"]["version"] == "v2" && cs["remote_config"]["source"] == "shared"
+        },
+    )
+    .await;
+    assert_eq!(state(1).await["settings"]["batch_size"], 7);
 }

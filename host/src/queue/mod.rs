@@ -596,9 +596,15 @@ impl Queue {
     /// readings are kept until an operator requeues or purges it.
     pub async fn dead_letter(&self, batch: &Batch, attempt: Attempt, reason: &str) -> Result<()> {
         let txn = self.db.begin().await?;
-        batch::Entity::delete_by_id(batch.id.clone())
+        let gone = batch::Entity::delete_by_id(batch.id.clone())
             .exec(&txn)
             .await?;
+        if gone.rows_affected == 0 {
+            // Acknowledged meanwhile, by another process that took it over.
+            log_attempt(&txn, attempt).await?;
+            txn.commit().await?;
+            return Ok(());
+        }
         dead_letter::ActiveModel {
             id: Set(batch.id.clone()),
             client_system: Set(batch.client_system.clone()),
@@ -914,34 +920,39 @@ impl Queue {
     }
 
     /// Tells the other processes that this one found a Client System online or
-    /// offline (since `since_ms`).
+    /// offline (since `since_ms`). A report of an earlier change than the one
+    /// recorded changes nothing: reports may arrive late.
     pub async fn report_connectivity(
         &self,
         client_system: &str,
         online: bool,
         since_ms: i64,
     ) -> Result<()> {
-        use sea_orm::sea_query::OnConflict;
-        let row = connectivity::ActiveModel {
-            client_system: Set(client_system.to_owned()),
-            state: Set(if online { "online" } else { "offline" }.to_owned()),
-            since_ms: Set(since_ms),
-            reported_by: Set(self.process.to_string()),
-            reported_at_ms: Set(crate::clock::now_ms()),
+        let sql = "INSERT INTO connectivity (client_system, state, since_ms, reported_by, reported_at_ms) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (client_system) DO UPDATE SET state = excluded.state, \
+               since_ms = excluded.since_ms, reported_by = excluded.reported_by, \
+               reported_at_ms = excluded.reported_at_ms \
+             WHERE connectivity.since_ms <= excluded.since_ms";
+        let sql = if self.is_postgres() {
+            sql.to_owned()
+        } else {
+            sql.replace('$', "?")
         };
-        connectivity::Entity::insert(row)
-            .on_conflict(
-                OnConflict::column(connectivity::Column::ClientSystem)
-                    .update_columns([
-                        connectivity::Column::State,
-                        connectivity::Column::SinceMs,
-                        connectivity::Column::ReportedBy,
-                        connectivity::Column::ReportedAtMs,
-                    ])
-                    .to_owned(),
-            )
-            .exec(&self.db)
-            .await?;
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                self.db.get_database_backend(),
+                sql,
+                [
+                    client_system.into(),
+                    if online { "online" } else { "offline" }.into(),
+                    since_ms.into(),
+                    self.process.as_ref().into(),
+                    crate::clock::now_ms().into(),
+                ],
+            ))
+            .await
+            .context("failed to share the connectivity found")?;
         Ok(())
     }
 
