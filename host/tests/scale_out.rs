@@ -460,3 +460,50 @@ async fn processes_share_connectivity_and_remote_configuration() {
     .await;
     assert_eq!(state(1).await["settings"]["batch_size"], 7);
 }
+
+/// An upload that takes longer than the lease: the lease is renewed while it lasts, so
+/// the other process does not take the batch over and send it at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_flight_longer_than_its_lease_stays_with_its_process() {
+    let site = Site::build(
+        Backend::Postgres,
+        "long_upload",
+        "batch_lease = \"1s\"",
+        &[("meterit", "interval = \"100ms\"\nbatch_size = 10")],
+    )
+    .await;
+    site.client().inject_faults([client_system::Fault {
+        store: true,
+        delay_ms: Some(3500),
+        ..Default::default()
+    }]);
+    site.queue()
+        .await
+        .enqueue(&common::readings(10))
+        .await
+        .unwrap();
+    let dir = site.config_path().parent().unwrap().to_owned();
+    let _processes: Vec<Process> = (0..2)
+        .map(|i| {
+            let (config, api) = process_config(&site, i);
+            Process::spawn(&config, api, &dir.join(format!("p{i}.log")))
+        })
+        .collect();
+    eventually(Duration::from_secs(30), "the batch delivered", || async {
+        site.client().stats().await.unwrap().batches == 1
+    })
+    .await;
+    let queue = site.queue().await;
+    eventually(
+        Duration::from_secs(10),
+        "the batch acknowledged",
+        || async { queue.pending_batch("meterit").await.unwrap().is_none() },
+    )
+    .await;
+    let stats = site.client().stats().await.unwrap();
+    assert_eq!(stats.overlapping, 0, "sent by both processes at once");
+    assert_eq!(stats.duplicates, 0, "sent again after its lease");
+    let attempts = queue.sync_log_since(0).await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].outcome, "accepted");
+}
