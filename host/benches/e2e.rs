@@ -101,23 +101,6 @@ async fn syncd_run(
     Ok(elapsed)
 }
 
-/// A new, empty database on the PostgreSQL server, or why there is none.
-async fn fresh_postgres() -> Result<String> {
-    use sea_orm::ConnectionTrait;
-    let admin = std::env::var("SYNCD_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let db = sea_orm::Database::connect(&admin)
-        .await
-        .with_context(|| format!("no PostgreSQL answers at {admin}"))?;
-    db.execute_unprepared("DROP DATABASE IF EXISTS syncd_bench_e2e WITH (FORCE)")
-        .await?;
-    db.execute_unprepared("CREATE DATABASE syncd_bench_e2e")
-        .await?;
-    let mut url = reqwest::Url::parse(&admin)?;
-    url.set_path("/syncd_bench_e2e");
-    Ok(url.to_string())
-}
-
 /// The floor's ingest route: the JSON array, checked as syncd checks it, inserted in
 /// one transaction.
 async fn floor_ingest(
@@ -400,7 +383,7 @@ fn main() -> Result<()> {
             floor_times.push(floor_run(&sub.join("f"), &bodies, n).await?);
             syncd_times.push(syncd_run(&sub.join("s"), "sqlite://syncd.db", &bodies, n).await?);
         }
-        let postgres = match fresh_postgres().await {
+        let postgres = match common::fresh_postgres("syncd_bench_e2e").await {
             Ok(url) => {
                 let sub = dir.path().join("postgres");
                 std::fs::create_dir_all(&sub)?;

@@ -15,29 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use sea_orm::ConnectionTrait;
 use syncd::queue::Queue;
 
 mod common;
 use common::{client_system, plugin, reading, write_site};
 
 const DATABASE: &str = "syncd_bench_scale_out";
-
-/// A new, empty database on the PostgreSQL server; its URL.
-async fn fresh_postgres() -> Result<String> {
-    let admin = std::env::var("SYNCD_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let db = sea_orm::Database::connect(&admin)
-        .await
-        .with_context(|| format!("no PostgreSQL answers at {admin}"))?;
-    db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        .await?;
-    db.execute_unprepared(&format!("CREATE DATABASE {DATABASE}"))
-        .await?;
-    let mut url = reqwest::Url::parse(&admin)?;
-    url.set_path(&format!("/{DATABASE}"));
-    Ok(url.to_string())
-}
 
 /// `syncd run` processes, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Processes(Vec<Child>);
@@ -63,7 +46,7 @@ impl Drop for Processes {
 /// Queues `readings` on a fresh database, starts `processes` daemons on it, and
 /// returns how long until the Client System stored them all.
 async fn run(dir: &Path, processes: usize, readings: usize) -> Result<Duration> {
-    let url = fresh_postgres().await?;
+    let url = common::fresh_postgres(DATABASE).await?;
     let run_dir = dir.join(format!("run-{processes}-{readings}"));
     std::fs::create_dir_all(&run_dir)?;
     let server = client_system(&run_dir, "meterit").await?;

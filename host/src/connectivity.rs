@@ -134,13 +134,17 @@ impl Monitor {
         {
             return None;
         }
+        Some(self.go_offline(now_ms, reason))
+    }
+
+    fn go_offline(&mut self, now_ms: i64, reason: &str) -> Event {
         self.change(State::Offline, now_ms);
         self.status.outages += 1;
-        Some(Event::Disconnected {
+        Event::Disconnected {
             client_system: self.client_system.clone(),
             at_ms: now_ms,
             reason: reason.to_owned(),
-        })
+        }
     }
 
     /// Another process sharing the queue found the Client System offline, and this one
@@ -152,13 +156,7 @@ impl Monitor {
         }
         self.status.consecutive_failures = self.status.consecutive_failures.max(OFFLINE_THRESHOLD);
         self.status.last_failure = Some(reason.to_owned());
-        self.change(State::Offline, now_ms);
-        self.status.outages += 1;
-        Some(Event::Disconnected {
-            client_system: self.client_system.clone(),
-            at_ms: now_ms,
-            reason: reason.to_owned(),
-        })
+        Some(self.go_offline(now_ms, reason))
     }
 
     /// When the Client System last answered, if the last evidence was an answer.

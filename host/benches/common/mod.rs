@@ -146,3 +146,21 @@ pub fn write_json(name: &str, value: &serde_json::Value) -> Result<()> {
     eprintln!("bench: wrote {}", path.display());
     Ok(())
 }
+
+/// A new, empty database `name` on the PostgreSQL server at `SYNCD_TEST_POSTGRES_URL`
+/// (default the local one); its URL, or why there is none.
+pub async fn fresh_postgres(name: &str) -> Result<String> {
+    use sea_orm::ConnectionTrait;
+    let admin = std::env::var("SYNCD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let db = sea_orm::Database::connect(&admin)
+        .await
+        .with_context(|| format!("no PostgreSQL answers at {admin}"))?;
+    db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let mut url = reqwest::Url::parse(&admin)?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
