@@ -113,14 +113,26 @@ impl<'a> Column<'a> {
     }
 
     /// String `i`, the one after the last one taken.
+    #[inline(always)]
     fn next(&mut self, i: usize) -> Result<&'a str, String> {
-        let (string, rest) = (self.ends[i] as usize)
+        let end = self.ends[i] as usize;
+        match end
             .checked_sub(self.consumed)
             .and_then(|len| self.rest.split_at_checked(len))
-            .ok_or_else(|| format!("string {i} of column {} is out of place", self.name))?;
-        self.consumed += string.len();
-        self.rest = rest;
-        Ok(string)
+        {
+            Some((string, rest)) => {
+                self.consumed = end;
+                self.rest = rest;
+                Ok(string)
+            }
+            None => Err(self.out_of_place(i)),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn out_of_place(&self, i: usize) -> String {
+        format!("string {i} of column {} is out of place", self.name)
     }
 }
 
@@ -175,6 +187,7 @@ impl Writer {
     }
 
     /// Appends `s` as a JSON string literal.
+    #[inline(always)]
     pub(crate) fn string(&mut self, s: &str) {
         let bytes = s.as_bytes();
         let room = self.room(bytes.len() + 2);
