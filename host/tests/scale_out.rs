@@ -224,11 +224,19 @@ async fn three_processes_one_killed_every_reading_delivered_once() {
     assert!(from_sql > 100, "only {from_sql} readings inserted with SQL");
 
     let queue = site.queue().await;
-    eventually(Duration::from_secs(60), "the queue drained", || {
-        let queue = queue.clone();
-        async move { queue.reading_count().await.unwrap() == 0 }
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while queue.reading_count().await.unwrap() > 0 {
+        if std::time::Instant::now() > deadline {
+            let stats = site.client().stats().await.unwrap();
+            panic!(
+                "the queue did not drain: {} readings left, oldest batch {:?}, client system {stats:?}, {} accepted",
+                queue.reading_count().await.unwrap(),
+                queue.pending_batch("meterit").await.unwrap(),
+                accepted.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let stored = assert_exactly_once(site.client(), &accepted, &unknown).await;
     assert!(stored.len() >= accepted.len());
     assert!(queue.dead_letters().await.unwrap().is_empty());
@@ -506,4 +514,47 @@ async fn a_batch_in_flight_longer_than_its_lease_stays_with_its_process() {
     let attempts = queue.sync_log_since(0).await.unwrap();
     assert_eq!(attempts.len(), 1, "{attempts:?}");
     assert_eq!(attempts[0].outcome, "accepted");
+}
+
+/// An acknowledgement made while another process is pruning waits for it and then
+/// prunes what it can: the last acknowledgement of a drain leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_during_another_prune_still_prunes() {
+    let site = Site::build(Backend::Postgres, "prune_turns", "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&common::readings(5)).await.unwrap();
+    let (batch, _) = queue.new_batch("meterit", 5).await.unwrap().unwrap();
+    let db = Database::connect(&site.config.database.url).await.unwrap();
+    let other = db.begin().await.unwrap();
+    other
+        .execute_unprepared(&format!(
+            "SELECT pg_advisory_xact_lock({})",
+            syncd::queue::PRUNE_LOCK_KEY
+        ))
+        .await
+        .unwrap();
+    let acknowledged = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            let attempt = syncd::queue::Attempt {
+                client_system: "meterit".into(),
+                batch_id: batch.id.clone(),
+                attempt: 1,
+                started_at_ms: 0,
+                duration_ms: 1,
+                reading_count: 5,
+                outcome: "accepted",
+                error: None,
+            };
+            queue.acknowledge(&batch, attempt).await.unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !acknowledged.is_finished(),
+        "did not wait for the other prune"
+    );
+    other.commit().await.unwrap();
+    assert_eq!(acknowledged.await.unwrap(), 5, "readings pruned");
+    assert_eq!(queue.reading_count().await.unwrap(), 0);
 }

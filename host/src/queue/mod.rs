@@ -48,9 +48,9 @@ const INSERT_CHUNK: usize = 1000;
 
 pub use syncd_migrations::INGEST_LOCK_KEY;
 
-/// The PostgreSQL advisory lock of the process that prunes: one at a time, the others
-/// leave it to that one ("prune" in ASCII).
-const PRUNE_LOCK_KEY: i64 = 482_184_015_461;
+/// The PostgreSQL advisory lock held while pruning: processes sharing the queue prune
+/// one at a time ("prune" in ASCII).
+pub const PRUNE_LOCK_KEY: i64 = 482_184_015_461;
 
 /// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
 const POSTGRES_POOL: u32 = 8;
@@ -1150,19 +1150,15 @@ async fn log_attempt(txn: &DatabaseTransaction, a: Attempt) -> Result<()> {
 /// Deletes every reading no Client System still needs; returns how many.
 async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
     if txn.get_database_backend() == DbBackend::Postgres {
-        // Two processes deleting the same rows would wait on each other (or deadlock);
-        // what one leaves, the next acknowledgement prunes.
-        let (taken,): (bool,) = txn
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!("SELECT pg_try_advisory_xact_lock({PRUNE_LOCK_KEY})"),
-            ))
-            .await?
-            .context("no answer to the prune lock")?
-            .try_get_many_by_index()?;
-        if !taken {
-            return Ok(0);
-        }
+        // Processes sharing the queue prune one at a time (two deleting the same rows
+        // would wait on each other's row locks, or deadlock). Each waits its turn rather
+        // than skipping: the last acknowledgement of a drain must leave nothing behind.
+        txn.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT pg_advisory_xact_lock({PRUNE_LOCK_KEY})"),
+        ))
+        .await
+        .context("failed to take the prune lock")?;
     }
     let batched: Option<i64> = client_system::Entity::find()
         .select_only()
