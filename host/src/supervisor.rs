@@ -142,6 +142,7 @@ impl Supervisor {
             status: Arc::new(std::sync::RwLock::new(status)),
             config,
         };
+        supervisor.queue.check_name_free().await?;
         supervisor
             .queue
             .report_alive(supervisor.started_at_ms)

@@ -558,3 +558,52 @@ async fn an_acknowledgement_during_another_prune_still_prunes() {
     assert_eq!(acknowledged.await.unwrap(), 5, "readings pruned");
     assert_eq!(queue.reading_count().await.unwrap(), 0);
 }
+
+/// A second process under a name a live process uses is refused at start, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_in_use_is_refused() {
+    let site = Site::build(Backend::Postgres, "name_in_use", "", &[("meterit", "")]).await;
+    let dir = site.config_path().parent().unwrap().to_owned();
+    let (config, api) = process_config(&site, 0);
+    let first = Process::spawn(&config, api, &dir.join("p0.log"));
+    let api = first.api.clone();
+    eventually(Duration::from_secs(30), "the first process answers", || {
+        let api = api.clone();
+        async move {
+            let http = syncd::daemon::http_client().unwrap();
+            http.get(format!("{api}/healthz")).send().await.is_ok()
+        }
+    })
+    .await;
+    // Its own API port and file, the same name.
+    let text = std::fs::read_to_string(&first.config).unwrap();
+    let port = first.api.rsplit(':').next().unwrap().to_owned();
+    let text = text.replace(&format!(":{port}\""), &format!(":{}\"", free_addr().port()));
+    let second = dir.join("sync-0-again.toml");
+    std::fs::write(&second, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(["-c", second.to_str().unwrap(), "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the second process under the same name was not refused");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("another syncd process uses the name \"p0\""),
+        "{stderr}"
+    );
+    drop(first);
+}

@@ -837,6 +837,35 @@ impl Queue {
         Ok(Some(record))
     }
 
+    /// Refuses this process's name when another process that is alive uses it: seen
+    /// within one lease, and on this machine still running. (Two processes under one
+    /// name would share their leases.)
+    pub async fn check_name_free(&self) -> Result<()> {
+        let Some(other) = process::Entity::find_by_id(self.process.to_string())
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(());
+        };
+        let host = host_name();
+        let pid = i64::from(std::process::id());
+        let seen_ago_ms = crate::clock::now_ms() - other.last_seen_ms;
+        let running_here = other.host == host
+            && other.pid != pid
+            && Path::new(&format!("/proc/{}", other.pid)).exists();
+        if seen_ago_ms < self.lease_ms && (other.host != host || running_here) {
+            anyhow::bail!(
+                "another syncd process uses the name {:?} in this queue (pid {} on {}, seen {:.1} s ago): \
+                 give each process its own [database] process_name (or API port)",
+                other.name,
+                other.pid,
+                other.host,
+                seen_ago_ms as f64 / 1000.0
+            );
+        }
+        Ok(())
+    }
+
     /// Says this process is alive, registering it on the first call; processes not
     /// heard of for [`FORGET_PROCESS_AFTER`] are struck off.
     pub async fn report_alive(&self, started_at_ms: i64) -> Result<()> {
