@@ -35,6 +35,19 @@ impl Process {
         }
     }
 
+    /// Waits until its API answers.
+    async fn answers(&self) {
+        let api = self.api.clone();
+        eventually(Duration::from_secs(30), "the process answers", || {
+            let api = api.clone();
+            async move {
+                let http = syncd::daemon::http_client().unwrap();
+                http.get(format!("{api}/healthz")).send().await.is_ok()
+            }
+        })
+        .await;
+    }
+
     async fn status(&self) -> serde_json::Value {
         syncd::daemon::http_client()
             .unwrap()
@@ -143,15 +156,7 @@ async fn three_processes_one_killed_every_reading_delivered_once() {
         })
         .collect();
     for p in &processes {
-        let api = p.api.clone();
-        eventually(Duration::from_secs(30), "each process answers", || {
-            let api = api.clone();
-            async move {
-                let http = syncd::daemon::http_client().unwrap();
-                http.get(format!("{api}/healthz")).send().await.is_ok()
-            }
-        })
-        .await;
+        p.answers().await;
     }
     // Some uploads answered slowly (after storing), so that batches are in flight
     // when the process is killed.
@@ -566,15 +571,7 @@ async fn a_name_in_use_is_refused() {
     let dir = site.config_path().parent().unwrap().to_owned();
     let (config, api) = process_config(&site, 0);
     let first = Process::spawn(&config, api, &dir.join("p0.log"));
-    let api = first.api.clone();
-    eventually(Duration::from_secs(30), "the first process answers", || {
-        let api = api.clone();
-        async move {
-            let http = syncd::daemon::http_client().unwrap();
-            http.get(format!("{api}/healthz")).send().await.is_ok()
-        }
-    })
-    .await;
+    first.answers().await;
     // Its own API port and file, the same name.
     let text = std::fs::read_to_string(&first.config).unwrap();
     let port = first.api.rsplit(':').next().unwrap().to_owned();
