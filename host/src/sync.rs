@@ -378,9 +378,6 @@ pub struct Worker {
 /// Connectivity shared through the queue with the other processes using it.
 #[derive(Debug, Default)]
 struct Shared {
-    /// Whether to look at what the others found (on PostgreSQL, where there may be
-    /// others).
-    check: bool,
     /// When to look next, ms since the Unix epoch.
     next_check_ms: i64,
     /// The last report read (its time), so that each is acted on once.
@@ -452,7 +449,6 @@ impl Worker {
             events,
         } = settings;
         let policy = local_policy.effective();
-        let queue_is_shared = queue.is_postgres();
         let status = WorkerStatus {
             client_system: name.clone(),
             encoder: PluginStatus::of(&encoder, clock.now_ms()),
@@ -489,7 +485,6 @@ impl Worker {
             read_ahead: None,
             status: Arc::new(std::sync::RwLock::new(status)),
             shared: Shared {
-                check: queue_is_shared,
                 next_check_ms: now,
                 ..Shared::default()
             },
@@ -539,7 +534,8 @@ impl Worker {
     fn next_chore_ms(&self) -> i64 {
         let probe = self.monitor.next_probe_ms(self.policy.connectivity_check);
         let mut chore = self.next_heartbeat_ms.min(probe);
-        if self.shared.check {
+        // Only on PostgreSQL can other processes share the queue.
+        if self.queue.is_postgres() {
             chore = chore.min(self.shared.next_check_ms);
         }
         if self.accepts_remote_config {
@@ -567,7 +563,7 @@ impl Worker {
     async fn share_if_due(&mut self) {
         self.report_connectivity().await;
         let now = self.clock.now_ms();
-        if !self.shared.check || now < self.shared.next_check_ms {
+        if !self.queue.is_postgres() || now < self.shared.next_check_ms {
             return;
         }
         self.shared.next_check_ms = now.saturating_add(millis(SHARED_STATE_CHECK));

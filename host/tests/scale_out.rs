@@ -396,9 +396,52 @@ async fn a_batch_is_taken_over_only_after_its_lease() {
     // A process that stops gives its batches back at once.
     two.leave().await.unwrap();
     assert_eq!(
-        one.claim_batch("meterit").await.unwrap().map(|b| b.id),
-        Some(batch.id)
+        one.claim_batch("meterit")
+            .await
+            .unwrap()
+            .map(|b| b.id.clone()),
+        Some(batch.id.clone())
     );
+
+    // A batch waiting for its retry stays with its process until the retry time and a
+    // lease after: longer than a lease from now.
+    let retry_at = syncd::clock::now_ms() + 2000;
+    one.schedule_retry(&batch, attempt(&batch, "retry"), 1, retry_at)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(two.claim_batch("meterit").await.unwrap().is_none());
+
+    // A process that lost the batch and then gives up on it does not dead-letter it
+    // when the one that took it over has delivered it.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let taken = two
+        .claim_batch("meterit")
+        .await
+        .unwrap()
+        .expect("taken over");
+    two.acknowledge(&taken, attempt(&taken, "accepted"))
+        .await
+        .unwrap();
+    one.dead_letter(&batch, attempt(&batch, "rejected"), "refused")
+        .await
+        .unwrap();
+    assert!(one.dead_letters().await.unwrap().is_empty());
+    assert_eq!(one.reading_count().await.unwrap(), 0);
+}
+
+/// A `sync_log` row for an attempt at `batch`.
+fn attempt(batch: &syncd::queue::Batch, outcome: &'static str) -> syncd::queue::Attempt {
+    syncd::queue::Attempt {
+        client_system: batch.client_system.clone(),
+        batch_id: batch.id.clone(),
+        attempt: batch.attempts + 1,
+        started_at_ms: syncd::clock::now_ms(),
+        duration_ms: 1,
+        reading_count: batch.reading_count,
+        outcome,
+        error: None,
+    }
 }
 
 /// What one process finds, the others learn: p1 checks nothing by itself for an hour,
@@ -541,16 +584,7 @@ async fn an_acknowledgement_during_another_prune_still_prunes() {
     let acknowledged = tokio::spawn({
         let queue = queue.clone();
         async move {
-            let attempt = syncd::queue::Attempt {
-                client_system: "meterit".into(),
-                batch_id: batch.id.clone(),
-                attempt: 1,
-                started_at_ms: 0,
-                duration_ms: 1,
-                reading_count: 5,
-                outcome: "accepted",
-                error: None,
-            };
+            let attempt = attempt(&batch, "accepted");
             queue.acknowledge(&batch, attempt).await.unwrap()
         }
     });
@@ -603,4 +637,38 @@ async fn a_name_in_use_is_refused() {
         "{stderr}"
     );
     drop(first);
+}
+
+/// A Client System missing from one process's file is kept in the queue while another
+/// process that delivers to it is alive: its readings are not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_system_another_process_uses_is_not_forgotten() {
+    let site = Site::build(
+        Backend::Postgres,
+        "forget_guard",
+        "",
+        &[("meterit", ""), ("second", "")],
+    )
+    .await;
+    let dir = site.config_path().parent().unwrap().to_owned();
+    let (config, api) = process_config(&site, 0);
+    let both = Process::spawn(&config, api, &dir.join("p0.log"));
+    both.answers().await;
+    // p1's file has only the first Client System.
+    let (config, api) = process_config(&site, 1);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let second = text.find("[[client_system]]\nname = \"second\"").unwrap();
+    std::fs::write(&config, &text[..second]).unwrap();
+    let only_first = Process::spawn(&config, api, &dir.join("p1.log"));
+    only_first.answers().await;
+    // Opened without registering the site's Client Systems again.
+    let queue = syncd::queue::Queue::open(
+        &site.config.database.url,
+        site.config.database.durability,
+        &dir,
+    )
+    .await
+    .unwrap();
+    assert_eq!(queue.client_systems().await.unwrap(), ["meterit", "second"]);
+    drop((both, only_first));
 }

@@ -283,6 +283,17 @@ impl Queue {
         &self.process
     }
 
+    /// A statement written with PostgreSQL's `$1, $2…` parameters, for this queue's
+    /// database (SQLite numbers them `?1, ?2…`).
+    fn statement(&self, sql: &str, values: impl IntoIterator<Item = sea_orm::Value>) -> Statement {
+        let backend = self.db.get_database_backend();
+        let sql = match backend {
+            DbBackend::Sqlite => sql.replace('$', "?"),
+            _ => sql.to_owned(),
+        };
+        Statement::from_sql_and_values(backend, sql, values)
+    }
+
     /// Whether the queue is on PostgreSQL (and may be shared by several processes).
     pub fn is_postgres(&self) -> bool {
         self.db.get_database_backend() == DbBackend::Postgres
@@ -447,15 +458,8 @@ impl Queue {
                ORDER BY first_reading_id LIMIT 1{skip_locked}) \
              RETURNING *"
         );
-        // SQLite numbers its parameters ?1, ?2…
-        let sql = if self.is_postgres() {
-            sql
-        } else {
-            sql.replace('$', "?")
-        };
-        let statement = Statement::from_sql_and_values(
-            self.db.get_database_backend(),
-            sql,
+        let statement = self.statement(
+            &sql,
             [
                 self.process.as_ref().into(),
                 now.into(),
@@ -463,16 +467,10 @@ impl Queue {
                 client_system.into(),
             ],
         );
-        let claimed = batch::Entity::find()
+        Ok(batch::Entity::find()
             .from_raw_sql(statement)
             .one(&self.db)
-            .await?;
-        if let Some(batch) = &claimed
-            && batch.leased_by.as_deref() != Some(&*self.process)
-        {
-            anyhow::bail!("batch {} was leased to another process", batch.id);
-        }
-        Ok(claimed)
+            .await?)
     }
 
     /// Extends this process's lease of a batch by `batch_lease` from now; false when
@@ -599,25 +597,22 @@ impl Queue {
         let gone = batch::Entity::delete_by_id(batch.id.clone())
             .exec(&txn)
             .await?;
-        if gone.rows_affected == 0 {
-            // Acknowledged meanwhile, by another process that took it over.
-            log_attempt(&txn, attempt).await?;
-            txn.commit().await?;
-            return Ok(());
+        // None gone: acknowledged meanwhile, by another process that took it over.
+        if gone.rows_affected == 1 {
+            dead_letter::ActiveModel {
+                id: Set(batch.id.clone()),
+                client_system: Set(batch.client_system.clone()),
+                first_reading_id: Set(batch.first_reading_id),
+                last_reading_id: Set(batch.last_reading_id),
+                reading_count: Set(batch.reading_count),
+                attempts: Set(attempt.attempt),
+                reason: Set(reason.to_owned()),
+                created_at_ms: Set(batch.created_at_ms),
+                dead_at_ms: Set(crate::clock::now_ms()),
+            }
+            .insert(&txn)
+            .await?;
         }
-        dead_letter::ActiveModel {
-            id: Set(batch.id.clone()),
-            client_system: Set(batch.client_system.clone()),
-            first_reading_id: Set(batch.first_reading_id),
-            last_reading_id: Set(batch.last_reading_id),
-            reading_count: Set(batch.reading_count),
-            attempts: Set(attempt.attempt),
-            reason: Set(reason.to_owned()),
-            created_at_ms: Set(batch.created_at_ms),
-            dead_at_ms: Set(crate::clock::now_ms()),
-        }
-        .insert(&txn)
-        .await?;
         log_attempt(&txn, attempt).await?;
         txn.commit().await?;
         Ok(())
@@ -963,14 +958,8 @@ impl Queue {
                since_ms = excluded.since_ms, reported_by = excluded.reported_by, \
                reported_at_ms = excluded.reported_at_ms \
              WHERE connectivity.since_ms <= excluded.since_ms";
-        let sql = if self.is_postgres() {
-            sql.to_owned()
-        } else {
-            sql.replace('$', "?")
-        };
         self.db
-            .execute_raw(Statement::from_sql_and_values(
-                self.db.get_database_backend(),
+            .execute_raw(self.statement(
                 sql,
                 [
                     client_system.into(),
