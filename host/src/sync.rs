@@ -32,7 +32,7 @@ use crate::metrics::WorkerMetrics;
 use crate::plugin::bindings::{UploadOutcome, types};
 use crate::plugin::cache::Origin;
 use crate::plugin::host::HttpTally;
-use crate::plugin::{CallError, EncoderPlugin, TransportPlugin, output};
+use crate::plugin::{CallError, Columns, ColumnsBuilder, EncoderPlugin, TransportPlugin, output};
 use crate::queue::{Attempt, Batch, Queue, QueuedReading, StoredRemoteConfig};
 
 /// How long a worker waits before trying again after the database failed it.
@@ -1236,12 +1236,18 @@ impl Worker {
             client_system: self.name.clone(),
             attempt: u32::try_from(number).unwrap_or(u32::MAX),
         };
-        let readings: Vec<types::Reading> = readings.into_iter().map(into_wit).collect();
+        let count = readings.len();
         let started = Instant::now();
-        let result = self.encoder.encode(&info, &readings).await;
+        let result = match in_columns(&readings) {
+            Ok(columns) => {
+                drop(readings);
+                self.encoder.encode(&info, &columns).await
+            }
+            Err(error) => Err(error),
+        };
         self.publish(|s| s.metrics.encoder_seconds.observe(started.elapsed()));
         let encoded = match result {
-            Ok(Ok(encoded)) => match output::check_encoded(&encoded, readings.len()) {
+            Ok(Ok(encoded)) => match output::check_encoded(&encoded, count) {
                 Ok(()) => {
                     self.publish(|s| s.encoder.succeeded());
                     encoded
@@ -1258,7 +1264,6 @@ impl Worker {
             }
             Err(error) => return self.plugin_failure(Which::Encoder, error),
         };
-        drop(readings);
         match self.upload(&info, &encoded).await {
             Verdict::Unauthorized(reason) => {
                 debug!(%reason, "unauthorized: authenticating again");
@@ -1388,17 +1393,23 @@ impl Which {
     }
 }
 
-fn into_wit(r: QueuedReading) -> types::Reading {
-    types::Reading {
-        id: r.id as u64,
-        meter_id: r.reading.meter_id,
-        channel: r.reading.channel,
-        timestamp_ms: r.reading.timestamp_ms,
-        value: r.reading.value,
-        unit: r.reading.unit,
-        quality: r.reading.quality,
-        attributes: r.reading.attributes,
+/// The queue's rows as the columns an encoder receives.
+fn in_columns(rows: &[QueuedReading]) -> Result<Columns, CallError> {
+    let mut columns = ColumnsBuilder::with_capacity(rows.len());
+    for row in rows {
+        let r = &row.reading;
+        columns.push(
+            row.id as u64,
+            &r.meter_id,
+            &r.channel,
+            r.timestamp_ms,
+            r.value,
+            &r.unit,
+            &r.quality,
+            r.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
     }
+    columns.finish()
 }
 
 #[cfg(test)]

@@ -284,7 +284,11 @@ async fn json_batch_carries_every_field_of_every_reading() {
         .await
         .unwrap();
     assert_eq!(encoder.info().wit_version, "0.2.0");
-    let encoded = encoder.encode(&info, &readings).await.unwrap().unwrap();
+    let encoded = encoder
+        .encode_records(&info, &readings)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(encoded.reading_count, 3);
 
     let document: serde_json::Value = serde_json::from_slice(&encoded.body).unwrap();

@@ -486,7 +486,11 @@ async fn the_javascript_encoder_writes_every_reading_as_csv() {
         client_system: "csv".into(),
         attempt: 1,
     };
-    let batch = encoder.encode(&info, &readings).await.unwrap().unwrap();
+    let batch = encoder
+        .encode_records(&info, &readings)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(batch.reading_count, 9);
     // What it printed with console.log reaches the host.
     assert_eq!(

@@ -70,7 +70,7 @@ async fn an_endless_loop_is_cut_off_at_the_deadline_again_and_again() {
     for _ in 0..2 {
         // The second call runs on a fresh instance: the first was dropped.
         let started = std::time::Instant::now();
-        match encoder.encode(&info, &readings).await {
+        match encoder.encode_records(&info, &readings).await {
             Err(CallError::Deadline(d)) => assert_eq!(d, Duration::from_millis(200)),
             other => panic!("expected the deadline to cut the call off, got {other:?}"),
         }
@@ -86,7 +86,7 @@ async fn a_panic_and_a_memory_bomb_are_traps_not_crashes() {
     let (info, readings) = batch();
     for behaviour in ["trap", "grow"] {
         let mut encoder = hostile(&engine, behaviour).await;
-        match encoder.encode(&info, &readings).await {
+        match encoder.encode_records(&info, &readings).await {
             Err(CallError::Trap(_)) => {}
             other => panic!("{behaviour}: expected a trap, got {other:?}"),
         }
@@ -96,7 +96,11 @@ async fn a_panic_and_a_memory_bomb_are_traps_not_crashes() {
         .load_encoder(&plugin("json_batch"), context(BTreeMap::new()))
         .await
         .unwrap();
-    let encoded = good.encode(&info, &readings).await.unwrap().unwrap();
+    let encoded = good
+        .encode_records(&info, &readings)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(encoded.reading_count, 1);
 }
 
@@ -259,7 +263,7 @@ async fn wasi_grants_no_environment_no_arguments_and_no_files() {
 async fn text_that_is_not_utf8_is_a_trap_not_a_crash() {
     let (info, readings) = batch();
     let mut encoder = hostile(&PluginEngine::new().unwrap(), "invalid-utf8").await;
-    match encoder.encode(&info, &readings).await {
+    match encoder.encode_records(&info, &readings).await {
         Err(CallError::Trap(e)) => assert!(format!("{e:#}").contains("utf-8"), "{e:#}"),
         other => panic!("expected a trap, got {other:?}"),
     }

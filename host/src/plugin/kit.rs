@@ -187,7 +187,7 @@ impl Report<'_> {
         readings: &[types::Reading],
     ) -> Result<Option<types::EncodedBatch>> {
         let started = Instant::now();
-        let result = encoder.encode(batch, readings).await;
+        let result = encoder.encode_records(batch, readings).await;
         let took = started.elapsed();
         let encoded = self.encoded(result, readings.len(), took)?;
         self.tally(encoder.last_tally())?;

@@ -8,4 +8,6 @@ pub mod output;
 pub mod runtime;
 
 pub use host::PluginContext;
-pub use runtime::{CallError, EncoderPlugin, PluginEngine, TransportPlugin, columns};
+pub use runtime::{
+    CallError, Columns, ColumnsBuilder, EncoderPlugin, PluginEngine, TransportPlugin, columns,
+};

@@ -568,107 +568,234 @@ impl<W: World> Plugin<W> {
 }
 
 impl Plugin<Encoder> {
-    /// Encodes a batch. `Ok(Err(reason))` is the plugin refusing the batch.
+    /// Encodes a batch given in columns (see [`Columns`]), as the daemon hands it over.
+    /// `Ok(Err(reason))` is the plugin refusing the batch.
     pub async fn encode(
+        &mut self,
+        info: &types::BatchInfo,
+        readings: &Columns,
+    ) -> Result<Result<types::EncodedBatch, String>, CallError> {
+        match &self.pre {
+            EncoderPre::V1(_) => {
+                let records = records(readings);
+                self.encode_v1(info, &records).await
+            }
+            EncoderPre::V2(_) => self.encode_v2(info, readings).await,
+        }
+    }
+
+    /// Encodes a batch given as a list of readings.
+    pub async fn encode_records(
         &mut self,
         info: &types::BatchInfo,
         readings: &[types::Reading],
     ) -> Result<Result<types::EncodedBatch, String>, CallError> {
         match &self.pre {
-            EncoderPre::V1(_) => {
-                self.call(async |b, s| match b {
-                    Encoder::V1(b) => b.call_encode(s, info, readings).await,
-                    Encoder::V2(_) => unreachable!("the instance follows its pre"),
-                })
-                .await
-            }
-            EncoderPre::V2(_) => {
-                let info = v2::types::BatchInfo {
-                    batch_id: info.batch_id.clone(),
-                    site_id: info.site_id.clone(),
-                    client_system: info.client_system.clone(),
-                    attempt: info.attempt,
-                };
-                let columns = columns(readings)?;
-                let encoded = self
-                    .call(async |b, s| match b {
-                        Encoder::V2(b) => b.call_encode(s, &info, &columns).await,
-                        Encoder::V1(_) => unreachable!("the instance follows its pre"),
-                    })
-                    .await?;
-                Ok(encoded.map(|e| types::EncodedBatch {
-                    content_type: e.content_type,
-                    body: e.body,
-                    reading_count: e.reading_count,
-                }))
-            }
+            EncoderPre::V1(_) => self.encode_v1(info, readings).await,
+            EncoderPre::V2(_) => self.encode_v2(info, &columns(readings)?).await,
         }
+    }
+
+    async fn encode_v1(
+        &mut self,
+        info: &types::BatchInfo,
+        readings: &[types::Reading],
+    ) -> Result<Result<types::EncodedBatch, String>, CallError> {
+        self.call(async |b, s| match b {
+            Encoder::V1(b) => b.call_encode(s, info, readings).await,
+            Encoder::V2(_) => unreachable!("the instance follows its pre"),
+        })
+        .await
+    }
+
+    async fn encode_v2(
+        &mut self,
+        info: &types::BatchInfo,
+        readings: &Columns,
+    ) -> Result<Result<types::EncodedBatch, String>, CallError> {
+        let info = v2::types::BatchInfo {
+            batch_id: info.batch_id.clone(),
+            site_id: info.site_id.clone(),
+            client_system: info.client_system.clone(),
+            attempt: info.attempt,
+        };
+        let encoded = self
+            .call(async |b, s| match b {
+                Encoder::V2(b) => b.call_encode(s, &info, readings).await,
+                Encoder::V1(_) => unreachable!("the instance follows its pre"),
+            })
+            .await?;
+        Ok(encoded.map(|e| types::EncodedBatch {
+            content_type: e.content_type,
+            body: e.body,
+            reading_count: e.reading_count,
+        }))
     }
 }
 
-/// Readings as the columns of WIT 0.2.0; an error for a batch whose text cannot be
-/// addressed by a 32-bit plugin (far beyond the plugin's memory limit anyway).
-pub fn columns(readings: &[types::Reading]) -> Result<v2::types::Readings, CallError> {
-    /// A column of strings with room for `n`, of `bytes` bytes each on average.
-    fn strings(n: usize, bytes: usize) -> v2::types::Strings {
-        v2::types::Strings {
-            text: String::with_capacity(n * bytes),
-            ends: Vec::with_capacity(n),
+/// A batch laid out column by column, as WIT 0.2.0 hands it to an encoder: one list
+/// per field, the strings of a field end to end in one text with their end offsets.
+/// Handing over a dozen lists costs a plugin far less than a list of records, whose
+/// every string is its own allocation inside the plugin.
+pub type Columns = v2::types::Readings;
+
+/// Builds [`Columns`] one reading at a time.
+pub struct ColumnsBuilder {
+    columns: Columns,
+}
+
+impl ColumnsBuilder {
+    /// Room for `n` readings of the usual sizes.
+    pub fn with_capacity(n: usize) -> Self {
+        /// A column of strings with room for `n`, of `bytes` bytes each on average.
+        fn strings(n: usize, bytes: usize) -> v2::types::Strings {
+            v2::types::Strings {
+                text: String::with_capacity(n * bytes),
+                ends: Vec::with_capacity(n),
+            }
+        }
+        Self {
+            columns: Columns {
+                ids: Vec::with_capacity(n),
+                meter_ids: strings(n, 16),
+                channels: strings(n, 12),
+                timestamps_ms: Vec::with_capacity(n),
+                values: Vec::with_capacity(n),
+                units: strings(n, 4),
+                qualities: strings(n, 4),
+                attribute_ends: Vec::with_capacity(n),
+                attribute_keys: strings(0, 0),
+                attribute_values: strings(0, 0),
+            },
         }
     }
-    fn push(column: &mut v2::types::Strings, s: &str) {
-        column.text.push_str(s);
-        // A column past 4 GiB is refused below.
-        column
-            .ends
-            .push(u32::try_from(column.text.len()).unwrap_or(u32::MAX));
-    }
-    let n = readings.len();
-    let mut c = v2::types::Readings {
-        ids: Vec::with_capacity(n),
-        meter_ids: strings(n, 16),
-        channels: strings(n, 12),
-        timestamps_ms: Vec::with_capacity(n),
-        values: Vec::with_capacity(n),
-        units: strings(n, 4),
-        qualities: strings(n, 4),
-        attribute_ends: Vec::with_capacity(n),
-        attribute_keys: strings(0, 0),
-        attribute_values: strings(0, 0),
-    };
-    for r in readings {
-        c.ids.push(r.id);
-        push(&mut c.meter_ids, &r.meter_id);
-        push(&mut c.channels, &r.channel);
-        c.timestamps_ms.push(r.timestamp_ms);
-        c.values.push(r.value);
-        push(&mut c.units, &r.unit);
-        push(&mut c.qualities, &r.quality);
-        for (k, v) in &r.attributes {
+
+    /// Appends one reading.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push<'a>(
+        &mut self,
+        id: u64,
+        meter_id: &str,
+        channel: &str,
+        timestamp_ms: i64,
+        value: f64,
+        unit: &str,
+        quality: &str,
+        attributes: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        fn push(column: &mut v2::types::Strings, s: &str) {
+            column.text.push_str(s);
+            // A column past 4 GiB is refused by `finish`.
+            column
+                .ends
+                .push(u32::try_from(column.text.len()).unwrap_or(u32::MAX));
+        }
+        let c = &mut self.columns;
+        c.ids.push(id);
+        push(&mut c.meter_ids, meter_id);
+        push(&mut c.channels, channel);
+        c.timestamps_ms.push(timestamp_ms);
+        c.values.push(value);
+        push(&mut c.units, unit);
+        push(&mut c.qualities, quality);
+        for (k, v) in attributes {
             push(&mut c.attribute_keys, k);
             push(&mut c.attribute_values, v);
         }
         c.attribute_ends
             .push(u32::try_from(c.attribute_keys.ends.len()).unwrap_or(u32::MAX));
     }
-    let longest = [
-        &c.meter_ids,
-        &c.channels,
-        &c.units,
-        &c.qualities,
-        &c.attribute_keys,
-        &c.attribute_values,
-    ]
-    .iter()
-    .map(|column| column.text.len())
-    .max()
-    .unwrap_or(0);
-    if longest >= u32::MAX as usize {
-        return Err(CallError::Trap(anyhow::anyhow!(
-            "the batch's text ({longest} bytes in one column) cannot be handed to a plugin: over 4 GiB"
-        )));
+
+    /// The columns; an error for a batch whose text cannot be addressed by a 32-bit
+    /// plugin (far beyond the plugin's memory limit anyway).
+    pub fn finish(self) -> Result<Columns, CallError> {
+        let c = self.columns;
+        let longest = [
+            &c.meter_ids,
+            &c.channels,
+            &c.units,
+            &c.qualities,
+            &c.attribute_keys,
+            &c.attribute_values,
+        ]
+        .iter()
+        .map(|column| column.text.len())
+        .max()
+        .unwrap_or(0);
+        if longest >= u32::MAX as usize {
+            return Err(CallError::Trap(anyhow::anyhow!(
+                "the batch's text ({longest} bytes in one column) cannot be handed to a plugin: over 4 GiB"
+            )));
+        }
+        Ok(c)
     }
-    Ok(c)
+}
+
+/// Readings as [`Columns`].
+pub fn columns(readings: &[types::Reading]) -> Result<Columns, CallError> {
+    let mut builder = ColumnsBuilder::with_capacity(readings.len());
+    for r in readings {
+        builder.push(
+            r.id,
+            &r.meter_id,
+            &r.channel,
+            r.timestamp_ms,
+            r.value,
+            &r.unit,
+            &r.quality,
+            r.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+    }
+    builder.finish()
+}
+
+/// [`Columns`] as a list of readings, for encoders of WIT 0.1.0. The columns are the
+/// host's own, built by [`ColumnsBuilder`], so they hold together.
+fn records(c: &Columns) -> Vec<types::Reading> {
+    fn strings(column: &v2::types::Strings) -> Vec<String> {
+        let mut start = 0;
+        column
+            .ends
+            .iter()
+            .map(|&end| {
+                let end = end as usize;
+                let s = column.text.get(start..end).unwrap_or_default().to_owned();
+                start = end;
+                s
+            })
+            .collect()
+    }
+    let mut pairs = strings(&c.attribute_keys)
+        .into_iter()
+        .zip(strings(&c.attribute_values));
+    let mut taken = 0;
+    let texts = strings(&c.meter_ids)
+        .into_iter()
+        .zip(strings(&c.channels))
+        .zip(strings(&c.units).into_iter().zip(strings(&c.qualities)));
+    c.ids
+        .iter()
+        .zip(&c.timestamps_ms)
+        .zip(&c.values)
+        .zip(&c.attribute_ends)
+        .zip(texts)
+        .map(
+            |((((&id, &timestamp_ms), &value), &end), ((meter_id, channel), (unit, quality)))| {
+                let count = (end as usize).saturating_sub(taken);
+                taken += count;
+                types::Reading {
+                    id,
+                    meter_id,
+                    channel,
+                    timestamp_ms,
+                    value,
+                    unit,
+                    quality,
+                    attributes: pairs.by_ref().take(count).collect(),
+                }
+            },
+        )
+        .collect()
 }
 
 impl Plugin<Transport> {
@@ -761,5 +888,18 @@ mod tests {
         let values: Vec<&str> = (0..3).map(|i| nth(&c.attribute_values, i)).collect();
         assert_eq!(keys, ["phase", "ct", "k"]);
         assert_eq!(values, ["L1", "200/5", ""]);
+    }
+
+    #[test]
+    fn columns_read_back_as_the_same_readings() {
+        let rows = [
+            reading(7, "élec-1", &[("phase", "L1"), ("ct", "200/5")]),
+            reading(8, "water-2", &[]),
+            reading(9, "", &[("k", "")]),
+            reading(10, "gas-3", &[("a", "1"), ("b", "2"), ("c", "3")]),
+        ];
+        let back = records(&columns(&rows).unwrap());
+        assert_eq!(format!("{back:?}"), format!("{rows:?}"));
+        assert!(records(&columns(&[]).unwrap()).is_empty());
     }
 }

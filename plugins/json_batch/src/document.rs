@@ -5,8 +5,10 @@
 //! - a copy whose length is known only at run time is a `memory.copy`, which wasmtime
 //!   runs as a call out of the sandbox: short strings are copied here in fixed-size
 //!   pieces of 8, 4, 2 or 1 bytes, which compile to plain loads and stores;
-//! - WebAssembly has no 64-bit multiply-high, so a 64-bit division by 10 is a real
-//!   division: numbers are written from 32-bit pieces, two digits at a time.
+//! - WebAssembly has no 64-bit multiply-high, so a 64-bit division by a constant is a
+//!   real division: numbers are split into 32-bit pieces by a multiplication written
+//!   out in halves, and each piece's eight digits are computed together in one 64-bit
+//!   word and stored at once (no loop, no division).
 
 use std::fmt::Write as _;
 
@@ -192,7 +194,7 @@ impl Writer {
         let bytes = s.as_bytes();
         let room = self.room(bytes.len() + 2);
         room[0] = b'"';
-        if copy_plain(bytes, &mut room[1..=bytes.len()]) {
+        if copy_plain(bytes, &mut room[1..bytes.len() + 1]) {
             room[bytes.len() + 1] = b'"';
             self.len += bytes.len() + 2;
         } else {
@@ -224,28 +226,34 @@ impl Writer {
         }
     }
 
-    /// Appends `v` in decimal.
+    /// Appends `v` in decimal. Inlined, with the rare lengths out of line: a call costs
+    /// far more in WebAssembly than the few instructions of the common case.
+    #[inline(always)]
     pub(crate) fn u64(&mut self, v: u64) {
-        match u32::try_from(v) {
-            Ok(v) => self.u32(v),
-            Err(_) => {
-                // At most 20 digits: what is above the last eight, then those eight.
-                let high = v / 100_000_000;
-                let low = (v - high * 100_000_000) as u32;
-                match u32::try_from(high) {
-                    Ok(high) => self.u32(high),
-                    Err(_) => {
-                        let top = high / 100_000_000;
-                        self.u32(top as u32);
-                        self.eight_digits((high - top * 100_000_000) as u32);
-                    }
-                }
-                self.eight_digits(low);
+        if v < 100_000_000 {
+            self.up_to_eight_digits(v as u32);
+        } else {
+            // What is above the last eight digits, then those eight.
+            let high = div_1e8(v);
+            if high < 100_000_000 {
+                self.up_to_eight_digits(high as u32);
+            } else {
+                self.above_eight_digits(high);
             }
+            self.eight_digits((v - high * 100_000_000) as u32);
         }
     }
 
+    /// Appends `v` (10⁸ or more, under 2⁶⁴ / 10⁸) in decimal.
+    #[inline(never)]
+    fn above_eight_digits(&mut self, v: u64) {
+        let high = div_1e8(v);
+        self.up_to_eight_digits(high as u32);
+        self.eight_digits((v - high * 100_000_000) as u32);
+    }
+
     /// Appends `v` in decimal.
+    #[inline(always)]
     pub(crate) fn i64(&mut self, v: i64) {
         if v < 0 {
             self.byte(b'-');
@@ -253,22 +261,29 @@ impl Writer {
         self.u64(v.unsigned_abs());
     }
 
-    /// Appends `v` in decimal, without leading zeros.
-    fn u32(&mut self, v: u32) {
-        let n = v.checked_ilog10().map_or(1, |d| d as usize + 1);
-        write_digits(v, self.room(n));
-        self.len += n;
+    /// Appends `v` (under 10⁸) in decimal, without leading zeros.
+    #[inline(always)]
+    fn up_to_eight_digits(&mut self, v: u32) {
+        // The length comes from the value, not from its digits, so that where the next
+        // piece goes is known before the digits are.
+        let n = v.checked_ilog10().map_or(1, |d| d + 1);
+        let digits = ASCII_ZEROS | digits8(v) >> ((8 - n) * 8);
+        self.room(8).copy_from_slice(&digits.to_le_bytes());
+        self.len += n as usize;
     }
 
     /// Appends `v` (under 10⁸) as exactly eight digits.
+    #[inline(always)]
     fn eight_digits(&mut self, v: u32) {
-        write_digits(v, self.room(8));
+        let digits = ASCII_ZEROS | digits8(v);
+        self.room(8).copy_from_slice(&digits.to_le_bytes());
         self.len += 8;
     }
 
     /// Appends `v` as Rust's `Display` writes it (the shortest decimal that reads back
     /// as `v`, without an exponent). Meter values mostly have at most three decimals:
     /// those are written with integer arithmetic, the rest by `Display`.
+    #[inline(always)]
     pub(crate) fn f64(&mut self, v: f64) {
         if v == 0.0 {
             if v.is_sign_negative() {
@@ -297,6 +312,13 @@ impl Writer {
                 return;
             }
         }
+        self.displayed(v);
+    }
+
+    /// Appends `v` through `Display` (the rare case).
+    #[cold]
+    #[inline(never)]
+    fn displayed(&mut self, v: f64) {
         let mut text = String::with_capacity(32);
         let _ = write!(text, "{v}");
         let room = self.room(text.len());
@@ -305,10 +327,12 @@ impl Writer {
     }
 
     /// Appends `.` and thousandths `f` (1 to 999) without trailing zeros.
+    #[inline(always)]
     fn fraction(&mut self, f: u32) {
+        // The last three of eight digits, after the point.
+        let digits = ((ASCII_ZEROS | digits8(f)) >> 40) as u32;
         let room = self.room(4);
-        room[0] = b'.';
-        write_digits(f, &mut room[1..4]);
+        room.copy_from_slice(&(u32::from(b'.') | digits << 8).to_le_bytes());
         self.len += match (f % 100, f % 10) {
             (0, _) => 2,
             (_, 0) => 3,
@@ -322,26 +346,43 @@ impl Writer {
 /// thousandths by 1000 never rounds up to the next integer.
 const SHORT_DECIMAL_LIMIT: f64 = (1u64 << 42) as f64;
 
-/// "00" to "99".
-const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
-2021222324252627282930313233343536373839\
-4041424344454647484950515253545556575859\
-6061626364656667686970717273747576777879\
-8081828384858687888990919293949596979899";
-
-/// Writes the last `out.len()` decimal digits of `v` into `out`, two at a time.
+/// `v / 100_000_000` by a multiplication: WebAssembly has no 64-bit multiply-high, so
+/// the compiler would otherwise emit a real 64-bit division. Exact for every `u64`
+/// (the multiplier is 2⁹⁰ / 10⁸ rounded up, and its error stays under 2²⁶).
 #[inline(always)]
-fn write_digits(mut v: u32, out: &mut [u8]) {
-    let mut at = out.len();
-    while at >= 2 {
-        let pair = (v % 100) as usize * 2;
-        v /= 100;
-        out[at - 2..at].copy_from_slice(&PAIRS[pair..pair + 2]);
-        at -= 2;
-    }
-    if at == 1 {
-        out[0] = b'0' + (v % 10) as u8;
-    }
+pub(crate) fn div_1e8(v: u64) -> u64 {
+    mul_high(v, 0xABCC_7711_8461_CEFD) >> 26
+}
+
+/// The high 64 bits of `a × b`, from 32-bit halves.
+#[inline(always)]
+fn mul_high(a: u64, b: u64) -> u64 {
+    let (a0, a1) = (a & 0xFFFF_FFFF, a >> 32);
+    let (b0, b1) = (b & 0xFFFF_FFFF, b >> 32);
+    let (low, cross1, cross2) = (a0 * b0, a0 * b1, a1 * b0);
+    let middle = (low >> 32) + (cross1 & 0xFFFF_FFFF) + (cross2 & 0xFFFF_FFFF);
+    a1 * b1 + (cross1 >> 32) + (cross2 >> 32) + (middle >> 32)
+}
+
+/// ASCII `0` in each of eight bytes.
+const ASCII_ZEROS: u64 = 0x3030_3030_3030_3030;
+
+/// The eight decimal digits of `v` (under 10⁸) as the byte values 0 to 9, the first
+/// digit in the lowest byte (the order of a little-endian store), computed in all
+/// eight bytes at once: split in halves of four digits, each half in pairs, each pair
+/// in digits. A quotient by 100 or by 10 is a multiplication and a shift, exact for the
+/// values each lane can hold (under 10⁴ and under 10²).
+#[inline(always)]
+fn digits8(v: u32) -> u64 {
+    let high = v / 10_000;
+    // Two lanes of 32 bits: digits 1-4, digits 5-8.
+    let x = u64::from(high) | u64::from(v - high * 10_000) << 32;
+    let hundreds = (x * 10_486 >> 20) & 0x0000_007F_0000_007F;
+    // Four lanes of 16 bits, two digits each.
+    let x = hundreds | (x - hundreds * 100) << 16;
+    let tens = (x * 103 >> 10) & 0x000F_000F_000F_000F;
+    // Eight lanes of 8 bits, a digit each.
+    tens | (x - tens * 10) << 8
 }
 
 /// Copies `from` into `to` (of the same length) if none of its bytes needs escaping
@@ -349,7 +390,7 @@ fn write_digits(mut v: u32, out: &mut [u8]) {
 #[inline(always)]
 fn copy_plain(from: &[u8], to: &mut [u8]) -> bool {
     let n = from.len();
-    if n >= 8 {
+    if n > 16 {
         let mut i = 0;
         while i + 8 <= n {
             let word = word8(from, i);
@@ -368,6 +409,13 @@ fn copy_plain(from: &[u8], to: &mut [u8]) -> bool {
             to[n - 8..].copy_from_slice(&word.to_le_bytes());
         }
         true
+    } else if n >= 8 {
+        // The first eight and the last eight, overlapping when n < 16: no loop (a loop
+        // costs an interruption check per turn in WebAssembly).
+        let (first, last) = (word8(from, 0), word8(from, n - 8));
+        to[..8].copy_from_slice(&first.to_le_bytes());
+        to[n - 8..].copy_from_slice(&last.to_le_bytes());
+        !needs_escape(first) && !needs_escape(last)
     } else if n >= 4 {
         // The first four and the last four, overlapping when n < 8.
         let first = u32::from_le_bytes([from[0], from[1], from[2], from[3]]);

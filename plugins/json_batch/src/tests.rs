@@ -189,3 +189,32 @@ fn columns_that_do_not_hold_together_are_refused() {
     let err = crate::encode_document("b", "s", &r).unwrap_err();
     assert_eq!(err, "column qualities holds 1 strings for 2 entries");
 }
+
+#[test]
+fn the_split_by_a_hundred_million_is_exact() {
+    let mut values = vec![0, 1, u64::MAX, u64::MAX - 1, u64::from(u32::MAX)];
+    for k in [1u64, 2, 3, 99, 12_345, 184_467_440_737] {
+        let m = k * 100_000_000;
+        values.extend([m - 1, m, m + 1]);
+    }
+    let mut x: u64 = 0x853C_49E6_748F_EA9B;
+    for _ in 0..1_000_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        values.push(x >> (x % 64));
+    }
+    for v in values {
+        assert_eq!(crate::document::div_1e8(v), v / 100_000_000, "{v}");
+    }
+}
+
+#[test]
+fn every_fraction_is_written_without_trailing_zeros() {
+    for thousandths in 1..1000u32 {
+        let v = 7.0 + f64::from(thousandths) / 1000.0;
+        let mut out = Writer::with_capacity(0);
+        out.f64(v);
+        assert_eq!(written(out), format!("{v}"));
+    }
+}
