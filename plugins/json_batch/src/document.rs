@@ -8,7 +8,13 @@
 //! - WebAssembly has no 64-bit multiply-high, so a 64-bit division by a constant is a
 //!   real division: numbers are split into 32-bit pieces by a multiplication written
 //!   out in halves, and each piece's eight digits are computed together in one 64-bit
-//!   word and stored at once (no loop, no division).
+//!   word and stored at once (no loop, no division);
+//! - a call costs far more than natively (stack and interruption checks, registers
+//!   saved), and a loop costs an interruption check per turn: the common paths are
+//!   inlined and loop-free, the rare ones out of line;
+//! - state kept in memory is loaded and stored at every step: a reading is written
+//!   through a [`Cursor`] over room made for it once, whose position the compiler
+//!   keeps in a register, rather than through the growing buffer.
 
 use std::fmt::Write as _;
 
@@ -16,6 +22,25 @@ use super::{Readings, Strings};
 
 /// Bytes per reading reserved up front: a typical reading takes 120 to 160.
 const RESERVE_PER_READING: usize = 160;
+
+/// Room for a number written by [`Cursor::u64`] or [`Cursor::i64`]: a sign, 20 digits,
+/// and the 8 bytes its last store may reach past them.
+pub(crate) const NUMBER_ROOM: usize = 32;
+
+/// Room for a value written by [`Cursor::f64`]: `Display` writes up to 327 characters
+/// (`-0.000…` for the smallest values).
+pub(crate) const VALUE_ROOM: usize = 336;
+
+/// Room for a string of `n` bytes: its quotes, and each byte escaped as `\u00XX`.
+pub(crate) const fn string_room(n: usize) -> usize {
+    2 + 6 * n
+}
+
+/// Room for a reading's fixed text (field names and punctuation, 88 bytes), its
+/// numbers and `n` bytes of strings.
+const fn reading_room(n: usize) -> usize {
+    96 + 2 * NUMBER_ROOM + VALUE_ROOM + string_room(n) + 3 * string_room(0)
+}
 
 /// Writes the JSON document for one batch; an error when the columns do not hold
 /// together (a column of the wrong length, a string end out of place).
@@ -45,47 +70,68 @@ pub fn encode_document(
     }
 
     let mut out = Writer::with_capacity(64 + n * RESERVE_PER_READING);
-    out.literal(b"{\"batch_id\":");
-    out.string(batch_id);
-    out.literal(b",\"site_id\":");
-    out.string(site_id);
-    out.literal(b",\"readings\":[");
+    out.write(64 + string_room(batch_id.len() + site_id.len()), |c| {
+        c.literal(b"{\"batch_id\":");
+        c.string(batch_id);
+        c.literal(b",\"site_id\":");
+        c.string(site_id);
+        c.literal(b",\"readings\":[");
+    });
     let mut pair = 0;
-    for i in 0..n {
-        if i > 0 {
-            out.byte(b',');
-        }
-        out.literal(b"{\"id\":");
-        out.u64(readings.ids[i]);
-        out.literal(b",\"meter_id\":");
-        out.string(meter_ids.next(i)?);
-        out.literal(b",\"channel\":");
-        out.string(channels.next(i)?);
-        out.literal(b",\"timestamp\":");
-        out.i64(readings.timestamps_ms[i]);
-        out.literal(b",\"value\":");
-        out.f64(readings.values[i]);
-        out.literal(b",\"unit\":");
-        out.string(units.next(i)?);
-        out.literal(b",\"quality\":");
-        out.string(qualities.next(i)?);
-        out.literal(b",\"attributes\":{");
-        let end = readings.attribute_ends[i] as usize;
+    let numbers = readings
+        .ids
+        .iter()
+        .zip(&readings.timestamps_ms)
+        .zip(&readings.values)
+        .zip(&readings.attribute_ends);
+    for (i, (((&id, &timestamp), &value), &end)) in numbers.enumerate() {
+        let (meter_id, channel) = (meter_ids.next(i)?, channels.next(i)?);
+        let (unit, quality) = (units.next(i)?, qualities.next(i)?);
+        let text = meter_id.len() + channel.len() + unit.len() + quality.len();
+        out.write(reading_room(text), |c| {
+            if i > 0 {
+                // The end of the reading before.
+                c.literal(b"}},");
+            }
+            c.literal(b"{\"id\":");
+            c.u64(id);
+            c.literal(b",\"meter_id\":");
+            c.string(meter_id);
+            c.literal(b",\"channel\":");
+            c.string(channel);
+            c.literal(b",\"timestamp\":");
+            c.i64(timestamp);
+            c.literal(b",\"value\":");
+            c.f64(value);
+            c.literal(b",\"unit\":");
+            c.string(unit);
+            c.literal(b",\"quality\":");
+            c.string(quality);
+            c.literal(b",\"attributes\":{");
+        });
+        let end = end as usize;
         if end < pair {
             return Err(format!("attribute ends decrease at reading {i}"));
         }
         for j in pair..end {
-            if j > pair {
-                out.byte(b',');
-            }
-            out.string(keys.next(j)?);
-            out.byte(b':');
-            out.string(values.next(j)?);
+            let (key, value) = (keys.next(j)?, values.next(j)?);
+            out.write(2 + string_room(key.len() + value.len()), |c| {
+                if j > pair {
+                    c.byte(b',');
+                }
+                c.string(key);
+                c.byte(b':');
+                c.string(value);
+            });
         }
         pair = end;
-        out.literal(b"}}");
     }
-    out.literal(b"]}");
+    out.write(4, |c| {
+        if n > 0 {
+            c.literal(b"}}");
+        }
+        c.literal(b"]}");
+    });
     Ok(out.into_bytes())
 }
 
@@ -159,75 +205,74 @@ impl Writer {
         self.buf
     }
 
-    /// The next `n` bytes of the buffer, made room for. Moves nothing forward.
+    /// Writes a piece of at most `room` bytes through a cursor over room made for it.
     #[inline(always)]
-    fn room(&mut self, n: usize) -> &mut [u8] {
-        if self.buf.len() - self.len < n {
-            self.grow(n);
+    pub(crate) fn write(&mut self, room: usize, piece: impl FnOnce(&mut Cursor<'_>)) {
+        if self.buf.len() - self.len < room {
+            self.grow(room);
         }
-        &mut self.buf[self.len..self.len + n]
+        let mut cursor = Cursor {
+            out: &mut self.buf[self.len..self.len + room],
+            at: 0,
+        };
+        piece(&mut cursor);
+        self.len += cursor.at;
     }
 
     #[cold]
     #[inline(never)]
-    fn grow(&mut self, n: usize) {
-        let wanted = (self.len + n).max(self.buf.len() * 2);
+    fn grow(&mut self, room: usize) {
+        let wanted = (self.len + room).max(self.buf.len() * 2);
         self.buf.resize(wanted, 0);
     }
+}
 
+/// Room for one piece of the document, and how much of it is written. Writing past
+/// the room panics: the room asked for must cover the piece (see the `*_ROOM`s).
+pub(crate) struct Cursor<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
     #[inline(always)]
-    fn byte(&mut self, b: u8) {
-        self.room(1)[0] = b;
-        self.len += 1;
+    pub(crate) fn byte(&mut self, b: u8) {
+        self.out[self.at] = b;
+        self.at += 1;
     }
 
     /// Appends a fixed piece of the document (its length is a constant).
     #[inline(always)]
     fn literal<const N: usize>(&mut self, bytes: &[u8; N]) {
-        self.room(N).copy_from_slice(bytes);
-        self.len += N;
+        self.out[self.at..self.at + N].copy_from_slice(bytes);
+        self.at += N;
+    }
+
+    /// Stores the eight bytes of `word` and moves on by `n` of them (the rest is
+    /// written over next, or lies past the end of the document).
+    #[inline(always)]
+    fn word(&mut self, word: u64, n: usize) {
+        self.out[self.at..self.at + 8].copy_from_slice(&word.to_le_bytes());
+        self.at += n;
     }
 
     /// Appends `s` as a JSON string literal.
     #[inline(always)]
     pub(crate) fn string(&mut self, s: &str) {
         let bytes = s.as_bytes();
-        let room = self.room(bytes.len() + 2);
+        let n = bytes.len();
+        let room = &mut self.out[self.at..self.at + n + 2];
         room[0] = b'"';
-        if copy_plain(bytes, &mut room[1..bytes.len() + 1]) {
-            room[bytes.len() + 1] = b'"';
-            self.len += bytes.len() + 2;
+        if copy_plain(bytes, &mut room[1..n + 1]) {
+            room[n + 1] = b'"';
+            self.at += n + 2;
         } else {
-            self.len += 1;
-            self.escaped(s);
+            self.at += 1 + escaped(bytes, &mut self.out[self.at + 1..]);
             self.byte(b'"');
         }
     }
 
-    /// Appends `s` with the characters JSON requires escaped (the rare case).
-    #[cold]
-    fn escaped(&mut self, s: &str) {
-        for &b in s.as_bytes() {
-            match b {
-                b'"' => self.literal(b"\\\""),
-                b'\\' => self.literal(b"\\\\"),
-                b'\n' => self.literal(b"\\n"),
-                b'\r' => self.literal(b"\\r"),
-                b'\t' => self.literal(b"\\t"),
-                0..=0x1f => {
-                    let mut code = String::with_capacity(6);
-                    let _ = write!(code, "\\u{b:04x}");
-                    for &c in code.as_bytes() {
-                        self.byte(c);
-                    }
-                }
-                b => self.byte(b),
-            }
-        }
-    }
-
-    /// Appends `v` in decimal. Inlined, with the rare lengths out of line: a call costs
-    /// far more in WebAssembly than the few instructions of the common case.
+    /// Appends `v` in decimal.
     #[inline(always)]
     pub(crate) fn u64(&mut self, v: u64) {
         if v < 100_000_000 {
@@ -238,18 +283,10 @@ impl Writer {
             if high < 100_000_000 {
                 self.up_to_eight_digits(high as u32);
             } else {
-                self.above_eight_digits(high);
+                self.at += above_eight_digits(high, &mut self.out[self.at..]);
             }
             self.eight_digits((v - high * 100_000_000) as u32);
         }
-    }
-
-    /// Appends `v` (10⁸ or more, under 2⁶⁴ / 10⁸) in decimal.
-    #[inline(never)]
-    fn above_eight_digits(&mut self, v: u64) {
-        let high = div_1e8(v);
-        self.up_to_eight_digits(high as u32);
-        self.eight_digits((v - high * 100_000_000) as u32);
     }
 
     /// Appends `v` in decimal.
@@ -267,17 +304,13 @@ impl Writer {
         // The length comes from the value, not from its digits, so that where the next
         // piece goes is known before the digits are.
         let n = v.checked_ilog10().map_or(1, |d| d + 1);
-        let digits = ASCII_ZEROS | digits8(v) >> ((8 - n) * 8);
-        self.room(8).copy_from_slice(&digits.to_le_bytes());
-        self.len += n as usize;
+        self.word(ASCII_ZEROS | digits8(v) >> ((8 - n) * 8), n as usize);
     }
 
     /// Appends `v` (under 10⁸) as exactly eight digits.
     #[inline(always)]
     fn eight_digits(&mut self, v: u32) {
-        let digits = ASCII_ZEROS | digits8(v);
-        self.room(8).copy_from_slice(&digits.to_le_bytes());
-        self.len += 8;
+        self.word(ASCII_ZEROS | digits8(v), 8);
     }
 
     /// Appends `v` as Rust's `Display` writes it (the shortest decimal that reads back
@@ -302,9 +335,10 @@ impl Writer {
                     self.byte(b'-');
                 }
                 // Exact: both are integers below 2⁵², and the quotient's truncation
-                // cannot reach the next integer (see SHORT_DECIMAL_LIMIT).
-                let whole = (thousandths / 1000.0).trunc();
-                let fraction = (thousandths - whole * 1000.0) as u32;
+                // cannot reach the next integer (see SHORT_DECIMAL_LIMIT). Signed
+                // conversions: cheaper than unsigned ones, natively and in WASM.
+                let whole = (thousandths / 1000.0) as i64;
+                let fraction = (thousandths as i64 - whole * 1000) as u32;
                 self.u64(whole as u64);
                 if fraction != 0 {
                     self.fraction(fraction);
@@ -312,18 +346,7 @@ impl Writer {
                 return;
             }
         }
-        self.displayed(v);
-    }
-
-    /// Appends `v` through `Display` (the rare case).
-    #[cold]
-    #[inline(never)]
-    fn displayed(&mut self, v: f64) {
-        let mut text = String::with_capacity(32);
-        let _ = write!(text, "{v}");
-        let room = self.room(text.len());
-        room.copy_from_slice(text.as_bytes());
-        self.len += text.len();
+        self.at += displayed(v, &mut self.out[self.at..]);
     }
 
     /// Appends `.` and thousandths `f` (1 to 999) without trailing zeros.
@@ -331,14 +354,63 @@ impl Writer {
     fn fraction(&mut self, f: u32) {
         // The last three of eight digits, after the point.
         let digits = ((ASCII_ZEROS | digits8(f)) >> 40) as u32;
-        let room = self.room(4);
-        room.copy_from_slice(&(u32::from(b'.') | digits << 8).to_le_bytes());
-        self.len += match (f % 100, f % 10) {
+        let n = match (f % 100, f % 10) {
             (0, _) => 2,
             (_, 0) => 3,
             _ => 4,
         };
+        self.out[self.at..self.at + 4]
+            .copy_from_slice(&(u32::from(b'.') | digits << 8).to_le_bytes());
+        self.at += n;
     }
+}
+
+/// Writes `bytes` into `out` with the characters JSON requires escaped (the rare
+/// case); returns how many bytes it wrote.
+#[cold]
+#[inline(never)]
+fn escaped(bytes: &[u8], out: &mut [u8]) -> usize {
+    let mut c = Cursor { out, at: 0 };
+    for &b in bytes {
+        match b {
+            b'"' => c.literal(b"\\\""),
+            b'\\' => c.literal(b"\\\\"),
+            b'\n' => c.literal(b"\\n"),
+            b'\r' => c.literal(b"\\r"),
+            b'\t' => c.literal(b"\\t"),
+            0..=0x1f => {
+                let mut code = String::with_capacity(6);
+                let _ = write!(code, "\\u{b:04x}");
+                for &x in code.as_bytes() {
+                    c.byte(x);
+                }
+            }
+            b => c.byte(b),
+        }
+    }
+    c.at
+}
+
+/// Writes `v` (10⁸ or more, under 2⁶⁴ / 10⁸) into `out` in decimal; returns how many
+/// digits it wrote (it may store up to 8 bytes past them).
+#[inline(never)]
+fn above_eight_digits(v: u64, out: &mut [u8]) -> usize {
+    let mut c = Cursor { out, at: 0 };
+    let high = div_1e8(v);
+    c.up_to_eight_digits(high as u32);
+    c.eight_digits((v - high * 100_000_000) as u32);
+    c.at
+}
+
+/// Writes `v` into `out` through `Display` (the rare case); returns how many bytes it
+/// wrote.
+#[cold]
+#[inline(never)]
+fn displayed(v: f64, out: &mut [u8]) -> usize {
+    let mut text = String::with_capacity(32);
+    let _ = write!(text, "{v}");
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    text.len()
 }
 
 /// Below this magnitude, a value with at most three decimals is the only such decimal

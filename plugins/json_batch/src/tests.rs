@@ -1,9 +1,11 @@
 //! The document's pieces against what they must equal, natively (`cargo test`).
 
-use crate::document::Writer;
+use crate::document::{Cursor, NUMBER_ROOM, VALUE_ROOM, Writer, string_room};
 
-/// What `out` wrote.
-fn written(out: Writer) -> String {
+/// What `piece` writes, given `room` bytes.
+fn written(room: usize, piece: impl FnOnce(&mut Cursor<'_>)) -> String {
+    let mut out = Writer::with_capacity(0);
+    out.write(room, piece);
     String::from_utf8(out.into_bytes()).unwrap()
 }
 
@@ -32,6 +34,10 @@ fn values_are_written_as_display_writes_them() {
         4.3e12 + 0.125,
         f64::MAX,
         f64::MIN_POSITIVE,
+        // The longest texts: VALUE_ROOM must hold them.
+        -f64::MAX,
+        -5e-324,
+        -2.2250738585072014e-308,
     ];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for _ in 0..200_000 {
@@ -44,9 +50,7 @@ fn values_are_written_as_display_writes_them() {
         values.push(f64::from_bits(x >> 2));
     }
     for v in values {
-        let mut out = Writer::with_capacity(0);
-        out.f64(v);
-        assert_eq!(written(out), format!("{v}"), "{v:?}");
+        assert_eq!(written(VALUE_ROOM, |c| c.f64(v)), format!("{v}"), "{v:?}");
     }
 }
 
@@ -63,17 +67,20 @@ fn integers_and_escapes() {
         integers.push(x >> (x % 64));
     }
     for v in integers {
-        let mut out = Writer::with_capacity(0);
-        out.u64(v);
-        assert_eq!(written(out), v.to_string());
-        let mut out = Writer::with_capacity(0);
+        assert_eq!(written(NUMBER_ROOM, |c| c.u64(v)), v.to_string());
         let negative = (v as i64).wrapping_neg();
-        out.i64(negative);
-        assert_eq!(written(out), negative.to_string());
+        assert_eq!(written(NUMBER_ROOM, |c| c.i64(negative)), negative.to_string());
     }
-    let mut out = Writer::with_capacity(0);
-    out.i64(i64::MIN);
-    assert_eq!(written(out), i64::MIN.to_string());
+    assert_eq!(written(NUMBER_ROOM, |c| c.i64(i64::MIN)), i64::MIN.to_string());
+    for text in &texts() {
+        let got = written(string_room(text.len()), |c| c.string(text));
+        assert_eq!(got, quoted(text), "{text:?}");
+    }
+}
+
+/// Strings of every length up to 20, with one byte needing escape at each place, and
+/// none; and a few more.
+fn texts() -> Vec<String> {
     let mut texts = vec![
         "",
         "plain",
@@ -87,7 +94,6 @@ fn integers_and_escapes() {
     .into_iter()
     .map(String::from)
     .collect::<Vec<_>>();
-    // Every length up to 20, with one byte needing escape at each place, and none.
     for len in 0..20 {
         let plain: String = (0..len).map(|i| (b'a' + i as u8) as char).collect();
         texts.push(plain.clone());
@@ -99,27 +105,69 @@ fn integers_and_escapes() {
             }
         }
     }
-    for text in &texts {
-        let mut out = Writer::with_capacity(0);
-        out.string(text);
-        let expected: String = {
-            let mut e = String::from("\"");
-            for c in text.chars() {
-                match c {
-                    '"' => e.push_str("\\\""),
-                    '\\' => e.push_str("\\\\"),
-                    '\n' => e.push_str("\\n"),
-                    '\r' => e.push_str("\\r"),
-                    '\t' => e.push_str("\\t"),
-                    c if (c as u32) < 0x20 => e.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => e.push(c),
-                }
-            }
-            e.push('"');
-            e
-        };
-        assert_eq!(written(out), expected, "{text:?}");
+    texts
+}
+
+/// `text` as a JSON string literal, escaped character by character.
+fn quoted(text: &str) -> String {
+    let mut e = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => e.push_str("\\\""),
+            '\\' => e.push_str("\\\\"),
+            '\n' => e.push_str("\\n"),
+            '\r' => e.push_str("\\r"),
+            '\t' => e.push_str("\\t"),
+            c if (c as u32) < 0x20 => e.push_str(&format!("\\u{:04x}", c as u32)),
+            c => e.push(c),
+        }
     }
+    e.push('"');
+    e
+}
+
+/// Each string of [`texts`] in each string column of a document, where a column's
+/// strings are read in words past their ends (and the last ones are not).
+#[test]
+fn strings_in_a_document_are_written_as_alone() {
+    let texts = texts();
+    let n = texts.len();
+    let nth = |i: usize, shift: usize| texts[(i + shift) % n].as_str();
+    let column = |shift: usize| strings(&(0..n).map(|i| nth(i, shift)).collect::<Vec<_>>());
+    let readings = crate::Readings {
+        ids: (0..n as u64).collect(),
+        meter_ids: column(0),
+        channels: column(1),
+        timestamps_ms: vec![7; n],
+        values: vec![0.5; n],
+        units: column(2),
+        qualities: column(3),
+        // One attribute for even readings, none for odd ones.
+        attribute_ends: (0..n as u32).map(|i| i / 2 + 1).collect(),
+        attribute_keys: strings(&(0..n).step_by(2).map(|i| nth(i, 4)).collect::<Vec<_>>()),
+        attribute_values: strings(&(0..n).step_by(2).map(|i| nth(i, 5)).collect::<Vec<_>>()),
+    };
+    let mut expected = String::from(r#"{"batch_id":"b","site_id":"s","readings":["#);
+    for i in 0..n {
+        if i > 0 {
+            expected.push(',');
+        }
+        let attributes = if i % 2 == 0 {
+            format!("{}:{}", quoted(nth(i, 4)), quoted(nth(i, 5)))
+        } else {
+            String::new()
+        };
+        expected.push_str(&format!(
+            r#"{{"id":{i},"meter_id":{},"channel":{},"timestamp":7,"value":0.5,"unit":{},"quality":{},"attributes":{{{attributes}}}}}"#,
+            quoted(nth(i, 0)),
+            quoted(nth(i, 1)),
+            quoted(nth(i, 2)),
+            quoted(nth(i, 3)),
+        ));
+    }
+    expected.push_str("]}");
+    let body = crate::encode_document("b", "s", &readings).unwrap();
+    assert_eq!(String::from_utf8(body).unwrap(), expected);
 }
 
 fn strings(items: &[&str]) -> crate::Strings {
@@ -213,8 +261,6 @@ fn the_split_by_a_hundred_million_is_exact() {
 fn every_fraction_is_written_without_trailing_zeros() {
     for thousandths in 1..1000u32 {
         let v = 7.0 + f64::from(thousandths) / 1000.0;
-        let mut out = Writer::with_capacity(0);
-        out.f64(v);
-        assert_eq!(written(out), format!("{v}"));
+        assert_eq!(written(VALUE_ROOM, |c| c.f64(v)), format!("{v}"));
     }
 }
