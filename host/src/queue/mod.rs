@@ -294,6 +294,18 @@ impl Queue {
         Statement::from_sql_and_values(backend, sql, values)
     }
 
+    /// Writes SQLite's write-ahead log into the database file and empties it (nothing
+    /// to do on PostgreSQL).
+    pub async fn checkpoint(&self) -> Result<()> {
+        if self.db.get_database_backend() == DbBackend::Sqlite {
+            self.db
+                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+                .await
+                .context("failed to checkpoint the SQLite write-ahead log")?;
+        }
+        Ok(())
+    }
+
     /// Whether the queue is on PostgreSQL (and may be shared by several processes).
     pub fn is_postgres(&self) -> bool {
         self.db.get_database_backend() == DbBackend::Postgres

@@ -449,10 +449,10 @@ fn digits8(v: u32) -> u64 {
     let high = v / 10_000;
     // Two lanes of 32 bits: digits 1-4, digits 5-8.
     let x = u64::from(high) | u64::from(v - high * 10_000) << 32;
-    let hundreds = (x * 10_486 >> 20) & 0x0000_007F_0000_007F;
+    let hundreds = ((x * 10_486) >> 20) & 0x0000_007F_0000_007F;
     // Four lanes of 16 bits, two digits each.
     let x = hundreds | (x - hundreds * 100) << 16;
-    let tens = (x * 103 >> 10) & 0x000F_000F_000F_000F;
+    let tens = ((x * 103) >> 10) & 0x000F_000F_000F_000F;
     // Eight lanes of 8 bits, a digit each.
     tens | (x - tens * 10) << 8
 }
