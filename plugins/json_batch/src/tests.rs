@@ -233,6 +233,25 @@ fn columns_that_do_not_hold_together_are_refused() {
     assert!(err.starts_with("the batch's columns differ in length"), "{err}");
 
     let mut r = two_readings();
+    r.attribute_keys = strings(&["a"]);
+    r.attribute_values = strings(&["b"]);
+    r.attribute_ends = vec![1, 0];
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert!(err.starts_with("column attribute-keys holds 1 strings for 0"), "{err}");
+
+    let mut r = two_readings();
+    r.ids.push(3);
+    r.meter_ids = strings(&["m", "m", "m"]);
+    r.channels = strings(&["", "", ""]);
+    r.timestamps_ms.push(0);
+    r.values.push(0.0);
+    r.units = strings(&["", "", ""]);
+    r.qualities = strings(&["", "", ""]);
+    r.attribute_ends = vec![2, 1, 2];
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "attribute ends decrease at reading 1");
+
+    let mut r = two_readings();
     r.qualities.ends.pop();
     let err = crate::encode_document("b", "s", &r).unwrap_err();
     assert_eq!(err, "column qualities holds 1 strings for 2 entries");
