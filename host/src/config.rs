@@ -151,6 +151,10 @@ pub struct Database {
     /// `<host name>:<API port>`, which stays the same across restarts (so a restarted
     /// process takes its own batches back at once).
     pub process_name: Option<String>,
+    /// How long `sync_log` keeps a delivery attempt: older ones are deleted at start and
+    /// every hour, so that the log does not fill the disk of a site that runs for years.
+    #[serde(default = "default_sync_log_keep", with = "humantime_serde")]
+    pub sync_log_keep: Duration,
 }
 
 impl Default for Database {
@@ -161,8 +165,13 @@ impl Default for Database {
             max_queue_readings: None,
             batch_lease: default_batch_lease(),
             process_name: None,
+            sync_log_keep: default_sync_log_keep(),
         }
     }
+}
+
+fn default_sync_log_keep() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 
 fn default_batch_lease() -> Duration {
@@ -662,6 +671,16 @@ impl Config {
                 ),
             ));
         }
+        if self.database.sync_log_keep < MIN_SYNC_LOG_KEEP {
+            return Err(invalid(
+                "database.sync_log_keep".into(),
+                format!(
+                    "{} is too short: at least {} (`syncd stats` reads the log)",
+                    humantime::format_duration(self.database.sync_log_keep),
+                    humantime::format_duration(MIN_SYNC_LOG_KEEP)
+                ),
+            ));
+        }
         if let Some(name) = &self.database.process_name
             && name.trim().is_empty()
         {
@@ -726,6 +745,9 @@ impl Config {
         }
     }
 }
+
+/// The shortest `database.sync_log_keep` accepted.
+pub const MIN_SYNC_LOG_KEEP: Duration = Duration::from_secs(3600);
 
 /// The shortest `database.batch_lease` accepted.
 pub const MIN_BATCH_LEASE: Duration = Duration::from_secs(1);
@@ -914,11 +936,27 @@ transport = "t.wasm"
     }
 
     #[test]
+    fn the_sync_log_is_kept_thirty_days_unless_told() {
+        let c = Config::parse(MINIMAL, Path::new("sync.toml"), &env).unwrap();
+        assert_eq!(
+            c.database.sync_log_keep,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        let text = format!("[database]\nsync_log_keep = \"1year\"\n{MINIMAL}");
+        let c = Config::parse(&text, Path::new("sync.toml"), &env).unwrap();
+        assert_eq!(c.database.sync_log_keep.as_secs(), 31_557_600);
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for (text, key) in [
             (MINIMAL.replace("http://127", "ftp://127"), "base_url"),
             (format!("{MINIMAL}batch_size = 0\n"), "batch_size"),
             (format!("{MINIMAL}interval = \"0s\"\n"), "interval"),
+            (
+                format!("[database]\nsync_log_keep = \"10m\"\n{MINIMAL}"),
+                "database.sync_log_keep",
+            ),
         ] {
             let err = Config::parse(&text, Path::new("sync.toml"), &env).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");

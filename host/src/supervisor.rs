@@ -37,6 +37,10 @@ pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
 /// is not lost: it is recorded, and re-sent with the same id after a restart.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How often attempts older than `[database] sync_log_keep` are deleted (and once at
+/// start).
+pub const SYNC_LOG_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// What the configuration's last reload came to, for status.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConfigStatus {
@@ -109,6 +113,8 @@ pub struct Supervisor {
     workers: Workers,
     status: SharedConfigStatus,
     started_at_ms: i64,
+    /// When old `sync_log` rows are next deleted.
+    next_sync_log_prune_ms: i64,
 }
 
 impl Supervisor {
@@ -139,6 +145,7 @@ impl Supervisor {
             running: BTreeMap::new(),
             workers: Workers::default(),
             started_at_ms: status.loaded_at_ms,
+            next_sync_log_prune_ms: status.loaded_at_ms,
             status: Arc::new(std::sync::RwLock::new(status)),
             config,
         };
@@ -347,6 +354,27 @@ impl Supervisor {
     pub async fn report_alive(&self) {
         if let Err(error) = self.queue.report_alive(self.started_at_ms).await {
             warn!("cannot report this process alive in the queue: {error:#}");
+        }
+    }
+
+    /// Deletes the attempts older than `[database] sync_log_keep` from `sync_log`, at
+    /// most once every [`SYNC_LOG_PRUNE_EVERY`]. A failure is logged and tried again
+    /// then.
+    pub async fn prune_sync_log_if_due(&mut self) {
+        let now = self.clock.now_ms();
+        if now < self.next_sync_log_prune_ms {
+            return;
+        }
+        self.next_sync_log_prune_ms = now.saturating_add(SYNC_LOG_PRUNE_EVERY.as_millis() as i64);
+        let keep = self.config.database.sync_log_keep;
+        let before_ms = now.saturating_sub(keep.as_millis() as i64);
+        match self.queue.prune_sync_log(before_ms).await {
+            Ok(0) => {}
+            Ok(deleted) => info!(
+                "deleted {deleted} delivery attempts older than {} from sync_log",
+                humantime::format_duration(keep)
+            ),
+            Err(error) => warn!("cannot delete old delivery attempts from sync_log: {error:#}"),
         }
     }
 
@@ -745,6 +773,7 @@ pub async fn supervise(
                 _ = &mut shutdown => break,
                 _ = alive.tick() => {
                     supervisor.report_alive().await;
+                    supervisor.prune_sync_log_if_due().await;
                     continue;
                 }
                 Some(reply) = requests.recv() => {

@@ -483,3 +483,50 @@ async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Bac
     assert_eq!(rest.len(), 2);
 }
 on_both_backends!(readings_read_ahead_are_recorded_only_while_still_the_next);
+
+/// Writes `n` attempts logged at `started_at_ms` into the site's `sync_log` with plain
+/// SQL.
+async fn log_attempts(site: &Site, n: u32, started_at_ms: i64) {
+    use sea_orm::ConnectionTrait;
+    let url = match site.backend {
+        Backend::Sqlite => format!("sqlite://{}", site.dir.path().join("syncd.db").display()),
+        Backend::Postgres => site.config.database.url.clone(),
+    };
+    let db = sea_orm::Database::connect(&url).await.unwrap();
+    db.execute_unprepared(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+         INSERT INTO sync_log \
+         (client_system, batch_id, attempt, started_at_ms, duration_ms, reading_count, outcome) \
+         SELECT 'meterit', 'b-' || i, 1, {started_at_ms}, 5, 10, 'accepted' FROM n"
+    ))
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+}
+
+async fn old_delivery_attempts_are_deleted(backend: Backend, test: &str) {
+    let site = Site::build(backend, test, "sync_log_keep = \"1h\"", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    let now = syncd::clock::now_ms();
+    let hour = 3_600_000;
+    // More than one chunk of old attempts, and a few within the hour.
+    log_attempts(&site, 25_000, now - 2 * hour).await;
+    log_attempts(&site, 3, now - hour / 2).await;
+    assert_eq!(queue.prune_sync_log(now - hour).await.unwrap(), 25_000);
+    let left = queue.sync_log_since(0).await.unwrap();
+    assert_eq!(left.len(), 3);
+    assert!(left.iter().all(|a| a.started_at_ms == now - hour / 2));
+    assert_eq!(queue.prune_sync_log(now - hour).await.unwrap(), 0);
+
+    // The daemon deletes them by itself, at start, by `[database] sync_log_keep`.
+    log_attempts(&site, 40, now - 2 * hour).await;
+    let daemon = site.start();
+    eventually(LIMIT, "the old attempts deleted", || async {
+        queue.sync_log_since(0).await.unwrap().len() == 3
+    })
+    .await;
+    daemon.stop().await;
+    let left = queue.sync_log_since(0).await.unwrap();
+    assert!(left.iter().all(|a| a.started_at_ms == now - hour / 2));
+}
+on_both_backends!(old_delivery_attempts_are_deleted);

@@ -42,6 +42,9 @@ use entities::{
 /// How long a batch stays with the process that took it, unless renewed, by default.
 pub const DEFAULT_BATCH_LEASE: Duration = Duration::from_secs(60);
 
+/// Rows of `sync_log` deleted per transaction by [`Queue::prune_sync_log`].
+pub const SYNC_LOG_PRUNE_CHUNK: u64 = 10_000;
+
 /// Rows per INSERT statement when enqueueing (SQLite allows 32766 bound values; a
 /// reading binds 7).
 const INSERT_CHUNK: usize = 1000;
@@ -807,6 +810,31 @@ impl Queue {
             .order_by_asc(sync_log::Column::Id)
             .all(&self.db)
             .await?)
+    }
+
+    /// Deletes the attempts logged before `before_ms`, in chunks of
+    /// [`SYNC_LOG_PRUNE_CHUNK`] (each its own short transaction, so that a first prune of
+    /// a large log holds up no delivery); returns how many.
+    pub async fn prune_sync_log(&self, before_ms: i64) -> Result<u64> {
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .db
+                .execute_raw(self.statement(
+                    &format!(
+                        "DELETE FROM sync_log WHERE id IN (SELECT id FROM sync_log \
+                         WHERE started_at_ms < $1 ORDER BY id LIMIT {SYNC_LOG_PRUNE_CHUNK})"
+                    ),
+                    [before_ms.into()],
+                ))
+                .await
+                .context("failed to delete old sync_log rows")?
+                .rows_affected();
+            deleted += chunk;
+            if chunk < SYNC_LOG_PRUNE_CHUNK {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// Records `rows` as a new batch for the Client System and moves its progress past
