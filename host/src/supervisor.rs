@@ -115,6 +115,8 @@ pub struct Supervisor {
     started_at_ms: i64,
     /// When old `sync_log` rows are next deleted.
     next_sync_log_prune_ms: i64,
+    /// The deletion of old `sync_log` rows, while it runs.
+    sync_log_prune: Option<JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -146,6 +148,7 @@ impl Supervisor {
             workers: Workers::default(),
             started_at_ms: status.loaded_at_ms,
             next_sync_log_prune_ms: status.loaded_at_ms,
+            sync_log_prune: None,
             status: Arc::new(std::sync::RwLock::new(status)),
             config,
         };
@@ -338,6 +341,10 @@ impl Supervisor {
     /// then gives back the batches this process holds, for the others sharing the
     /// queue.
     pub async fn shutdown(mut self) {
+        if let Some(prune) = self.sync_log_prune.take() {
+            // Its transaction rolls back; the rows go at the next start.
+            prune.abort();
+        }
         let running = std::mem::take(&mut self.running);
         let mut tasks = Vec::new();
         for (_, worker) in running {
@@ -358,24 +365,35 @@ impl Supervisor {
     }
 
     /// Deletes the attempts older than `[database] sync_log_keep` from `sync_log`, at
-    /// most once every [`SYNC_LOG_PRUNE_EVERY`]. A failure is logged and tried again
-    /// then.
-    pub async fn prune_sync_log_if_due(&mut self) {
+    /// most once every [`SYNC_LOG_PRUNE_EVERY`], in a task of its own (the first prune
+    /// of a long log can take a while, and the supervisor must go on answering). A
+    /// failure is logged and tried again then.
+    pub fn prune_sync_log_if_due(&mut self) {
         let now = self.clock.now_ms();
-        if now < self.next_sync_log_prune_ms {
+        let running = self
+            .sync_log_prune
+            .as_ref()
+            .is_some_and(|task| !task.is_finished());
+        if now < self.next_sync_log_prune_ms || running {
             return;
         }
         self.next_sync_log_prune_ms = now.saturating_add(SYNC_LOG_PRUNE_EVERY.as_millis() as i64);
         let keep = self.config.database.sync_log_keep;
         let before_ms = now.saturating_sub(keep.as_millis() as i64);
-        match self.queue.prune_sync_log(before_ms).await {
-            Ok(0) => {}
-            Ok(deleted) => info!(
-                "deleted {deleted} delivery attempts older than {} from sync_log",
-                humantime::format_duration(keep)
-            ),
-            Err(error) => warn!("cannot delete old delivery attempts from sync_log: {error:#}"),
-        }
+        let queue = self.queue.clone();
+        let prune = async move {
+            match queue.prune_sync_log(before_ms).await {
+                Ok(0) => {}
+                Ok(deleted) => info!(
+                    "deleted {deleted} delivery attempts older than {} from sync_log",
+                    humantime::format_duration(keep)
+                ),
+                Err(error) => {
+                    warn!("cannot delete old delivery attempts from sync_log: {error:#}")
+                }
+            }
+        };
+        self.sync_log_prune = Some(tokio::spawn(prune.in_current_span()));
     }
 
     /// Another process that shares the queue and was heard of within three leases.
@@ -773,7 +791,7 @@ pub async fn supervise(
                 _ = &mut shutdown => break,
                 _ = alive.tick() => {
                     supervisor.report_alive().await;
-                    supervisor.prune_sync_log_if_due().await;
+                    supervisor.prune_sync_log_if_due();
                     continue;
                 }
                 Some(reply) = requests.recv() => {
