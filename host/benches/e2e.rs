@@ -327,7 +327,7 @@ async fn encoder_costs() -> Result<EncoderCosts> {
         "the WASM and native encoders disagree"
     );
 
-    // The three, in turns, several times: the machine's load moves over a run, and the
+    // The four, in turns, several times: the machine's load moves over a run, and the
     // fastest turn of each is the one least disturbed by it.
     let (mut native, mut in_wasm, mut boundary) = (Duration::MAX, Duration::MAX, Duration::MAX);
     let mut layout = Duration::MAX;
@@ -368,6 +368,11 @@ async fn encoder_costs() -> Result<EncoderCosts> {
         boundary,
         layout,
     })
+}
+
+/// `d` in microseconds.
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 /// What [`encoder_costs`] measured, per batch of 1000 readings.
@@ -434,7 +439,6 @@ fn main() -> Result<()> {
             None => println!("end to end on PostgreSQL: skipped, no server answered"),
         }
         print_encoder(&encoder);
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
         let json = serde_json::json!({
             "readings": n,
             "syncd_readings_per_s": syncd,
@@ -454,7 +458,6 @@ fn main() -> Result<()> {
 
 /// The encoder's figures, as a table.
 fn print_encoder(c: &EncoderCosts) {
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("encoder, one batch of 1000 readings");
     println!("  native json_batch        {:>10.1} µs", us(c.native));
     println!("  WASM json_batch          {:>10.1} µs", us(c.wasm));

@@ -113,10 +113,6 @@ pub struct Supervisor {
     workers: Workers,
     status: SharedConfigStatus,
     started_at_ms: i64,
-    /// When old `sync_log` rows are next deleted.
-    next_sync_log_prune_ms: i64,
-    /// The deletion of old `sync_log` rows, while it runs.
-    sync_log_prune: Option<JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -147,8 +143,6 @@ impl Supervisor {
             running: BTreeMap::new(),
             workers: Workers::default(),
             started_at_ms: status.loaded_at_ms,
-            next_sync_log_prune_ms: status.loaded_at_ms,
-            sync_log_prune: None,
             status: Arc::new(std::sync::RwLock::new(status)),
             config,
         };
@@ -341,10 +335,6 @@ impl Supervisor {
     /// then gives back the batches this process holds, for the others sharing the
     /// queue.
     pub async fn shutdown(mut self) {
-        if let Some(prune) = self.sync_log_prune.take() {
-            // Its transaction rolls back; the rows go at the next start.
-            prune.abort();
-        }
         let running = std::mem::take(&mut self.running);
         let mut tasks = Vec::new();
         for (_, worker) in running {
@@ -362,38 +352,6 @@ impl Supervisor {
         if let Err(error) = self.queue.report_alive(self.started_at_ms).await {
             warn!("cannot report this process alive in the queue: {error:#}");
         }
-    }
-
-    /// Deletes the attempts older than `[database] sync_log_keep` from `sync_log`, at
-    /// most once every [`SYNC_LOG_PRUNE_EVERY`], in a task of its own (the first prune
-    /// of a long log can take a while, and the supervisor must go on answering). A
-    /// failure is logged and tried again then.
-    pub fn prune_sync_log_if_due(&mut self) {
-        let now = self.clock.now_ms();
-        let running = self
-            .sync_log_prune
-            .as_ref()
-            .is_some_and(|task| !task.is_finished());
-        if now < self.next_sync_log_prune_ms || running {
-            return;
-        }
-        self.next_sync_log_prune_ms = now.saturating_add(SYNC_LOG_PRUNE_EVERY.as_millis() as i64);
-        let keep = self.config.database.sync_log_keep;
-        let before_ms = now.saturating_sub(keep.as_millis() as i64);
-        let queue = self.queue.clone();
-        let prune = async move {
-            match queue.prune_sync_log(before_ms).await {
-                Ok(0) => {}
-                Ok(deleted) => info!(
-                    "deleted {deleted} delivery attempts older than {} from sync_log",
-                    humantime::format_duration(keep)
-                ),
-                Err(error) => {
-                    warn!("cannot delete old delivery attempts from sync_log: {error:#}")
-                }
-            }
-        };
-        self.sync_log_prune = Some(tokio::spawn(prune.in_current_span()));
     }
 
     /// Another process that shares the queue and was heard of within three leases.
@@ -782,6 +740,14 @@ pub async fn supervise(
     let mut watcher = FileWatcher::new(changed);
     watcher.watch(&supervisor.watched_files());
     let mut hangups = hangup_signals();
+    let pruning = tokio::spawn(
+        prune_sync_log(
+            supervisor.queue.clone(),
+            supervisor.clock.clone(),
+            supervisor.config.database.sync_log_keep,
+        )
+        .instrument(info_span!("sync_log")),
+    );
     let mut alive = tokio::time::interval(supervisor.queue.batch_lease() / 3);
     alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -791,7 +757,6 @@ pub async fn supervise(
                 _ = &mut shutdown => break,
                 _ = alive.tick() => {
                     supervisor.report_alive().await;
-                    supervisor.prune_sync_log_if_due();
                     continue;
                 }
                 Some(reply) = requests.recv() => {
@@ -814,7 +779,29 @@ pub async fn supervise(
     }
     .instrument(info_span!("supervisor"))
     .await;
+    // A deletion cut off here rolls back; those rows go at the next start.
+    pruning.abort();
     supervisor.shutdown().await;
+}
+
+/// Deletes the attempts older than `keep` from `sync_log`, at start and every
+/// [`SYNC_LOG_PRUNE_EVERY`], apart from the supervisor's loop (the first prune of a
+/// long log can take a while). A failure is logged and tried again at the next turn.
+async fn prune_sync_log(queue: Queue, clock: Clock, keep: Duration) {
+    let mut every = tokio::time::interval(SYNC_LOG_PRUNE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let before_ms = clock.now_ms().saturating_sub(crate::clock::millis(keep));
+        match queue.prune_sync_log(before_ms).await {
+            Ok(0) => {}
+            Ok(deleted) => info!(
+                "deleted {deleted} delivery attempts older than {} from sync_log",
+                humantime::format_duration(keep)
+            ),
+            Err(error) => warn!("cannot delete old delivery attempts from sync_log: {error:#}"),
+        }
+    }
 }
 
 /// SIGHUP, as a channel (never sends where there is no such signal).

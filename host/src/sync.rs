@@ -1238,11 +1238,8 @@ impl Worker {
         };
         let count = readings.len();
         let started = Instant::now();
-        let result = match in_columns(&readings) {
-            Ok(columns) => {
-                drop(readings);
-                self.encoder.encode(&info, &columns).await
-            }
+        let result = match in_columns(readings) {
+            Ok(columns) => self.encoder.encode(&info, &columns).await,
             Err(error) => Err(error),
         };
         self.publish(|s| s.metrics.encoder_seconds.observe(started.elapsed()));
@@ -1393,10 +1390,11 @@ impl Which {
     }
 }
 
-/// The queue's rows as the columns an encoder receives.
-fn in_columns(rows: &[QueuedReading]) -> Result<Columns, CallError> {
+/// The queue's rows as the columns an encoder receives (the rows are freed here: the
+/// columns hold the same text).
+fn in_columns(rows: Vec<QueuedReading>) -> Result<Columns, CallError> {
     let mut columns = ColumnsBuilder::with_capacity(rows.len());
-    for row in rows {
+    for row in &rows {
         let r = &row.reading;
         columns.push(
             row.id as u64,

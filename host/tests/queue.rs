@@ -486,7 +486,7 @@ on_both_backends!(readings_read_ahead_are_recorded_only_while_still_the_next);
 
 /// Writes `n` attempts logged at `started_at_ms` into the site's `sync_log` with plain
 /// SQL.
-async fn log_attempts(site: &Site, n: u32, started_at_ms: i64) {
+async fn log_attempts(site: &Site, n: u64, started_at_ms: i64) {
     use sea_orm::ConnectionTrait;
     let url = match site.backend {
         Backend::Sqlite => format!("sqlite://{}", site.dir.path().join("syncd.db").display()),
@@ -509,10 +509,11 @@ async fn old_delivery_attempts_are_deleted(backend: Backend, test: &str) {
     let queue = site.queue().await;
     let now = syncd::clock::now_ms();
     let hour = 3_600_000;
-    // More than one chunk of old attempts, and a few within the hour.
-    log_attempts(&site, 25_000, now - 2 * hour).await;
+    // Two and a half chunks of old attempts, and a few within the hour.
+    let old = syncd::queue::SYNC_LOG_PRUNE_CHUNK * 5 / 2;
+    log_attempts(&site, old, now - 2 * hour).await;
     log_attempts(&site, 3, now - hour / 2).await;
-    assert_eq!(queue.prune_sync_log(now - hour).await.unwrap(), 25_000);
+    assert_eq!(queue.prune_sync_log(now - hour).await.unwrap(), old);
     let left = queue.sync_log_since(0).await.unwrap();
     assert_eq!(left.len(), 3);
     assert!(left.iter().all(|a| a.started_at_ms == now - hour / 2));
@@ -530,3 +531,18 @@ async fn old_delivery_attempts_are_deleted(backend: Backend, test: &str) {
     assert!(left.iter().all(|a| a.started_at_ms == now - hour / 2));
 }
 on_both_backends!(old_delivery_attempts_are_deleted);
+
+#[tokio::test]
+async fn a_checkpoint_empties_the_sqlite_write_ahead_log() {
+    let site = Site::build(Backend::Sqlite, "checkpoint", "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(100)).await.unwrap();
+    let wal = site.dir.path().join("syncd.db-wal");
+    assert!(
+        wal.metadata().unwrap().len() > 0,
+        "the readings are in the log"
+    );
+    queue.checkpoint().await.unwrap();
+    assert_eq!(wal.metadata().unwrap().len(), 0);
+    assert_eq!(queue.reading_count().await.unwrap(), 100);
+}

@@ -236,7 +236,7 @@ pub(crate) struct Cursor<'a> {
 
 impl Cursor<'_> {
     #[inline(always)]
-    pub(crate) fn byte(&mut self, b: u8) {
+    fn byte(&mut self, b: u8) {
         self.out[self.at] = b;
         self.at += 1;
     }
