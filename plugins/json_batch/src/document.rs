@@ -85,44 +85,53 @@ pub fn encode_document(
         .zip(&readings.values)
         .zip(&readings.attribute_ends);
     for (i, (((&id, &timestamp), &value), &end)) in numbers.enumerate() {
-        let (meter_id, channel) = (meter_ids.next(i)?, channels.next(i)?);
-        let (unit, quality) = (units.next(i)?, qualities.next(i)?);
+        let meter_id = meter_ids.next(i).ok_or_else(|| out_of_place("meter-ids", i))?;
+        let channel = channels.next(i).ok_or_else(|| out_of_place("channels", i))?;
+        let unit = units.next(i).ok_or_else(|| out_of_place("units", i))?;
+        let quality = qualities.next(i).ok_or_else(|| out_of_place("qualities", i))?;
         let text = meter_id.len() + channel.len() + unit.len() + quality.len();
-        out.write(reading_room(text), |c| {
-            if i > 0 {
-                // The end of the reading before.
-                c.literal(b"}},");
-            }
-            c.literal(b"{\"id\":");
-            c.u64(id);
-            c.literal(b",\"meter_id\":");
-            c.string(meter_id);
-            c.literal(b",\"channel\":");
-            c.string(channel);
-            c.literal(b",\"timestamp\":");
-            c.i64(timestamp);
-            c.literal(b",\"value\":");
-            c.f64(value);
-            c.literal(b",\"unit\":");
-            c.string(unit);
-            c.literal(b",\"quality\":");
-            c.string(quality);
-            c.literal(b",\"attributes\":{");
-        });
+        // Written straight through a cursor, not in a closure: the compiler keeps a
+        // closure this size out of line, and its cursor in memory.
+        let mut c = out.room(reading_room(text));
+        if i > 0 {
+            // The end of the reading before.
+            c.literal(b"}},");
+        }
+        c.literal(b"{\"id\":");
+        c.u64(id);
+        c.literal(b",\"meter_id\":");
+        c.string(meter_id);
+        c.literal(b",\"channel\":");
+        c.string(channel);
+        c.literal(b",\"timestamp\":");
+        c.i64(timestamp);
+        c.literal(b",\"value\":");
+        c.f64(value);
+        c.literal(b",\"unit\":");
+        c.string(unit);
+        c.literal(b",\"quality\":");
+        c.string(quality);
+        c.literal(b",\"attributes\":{");
+        let written = c.at;
+        out.advance(written);
         let end = end as usize;
         if end < pair {
             return Err(format!("attribute ends decrease at reading {i}"));
         }
         for j in pair..end {
-            let (key, value) = (keys.next(j)?, values.next(j)?);
-            out.write(2 + string_room(key.len() + value.len()), |c| {
-                if j > pair {
-                    c.byte(b',');
-                }
-                c.string(key);
-                c.byte(b':');
-                c.string(value);
-            });
+            let key = keys.next(j).ok_or_else(|| out_of_place("attribute-keys", j))?;
+            let value = values
+                .next(j)
+                .ok_or_else(|| out_of_place("attribute-values", j))?;
+            let mut c = out.room(2 + string_room(key.len() + value.len()));
+            if j > pair {
+                c.byte(b',');
+            }
+            c.string(key);
+            c.byte(b':');
+            c.string(value);
+            let written = c.at;
+            out.advance(written);
         }
         pair = end;
     }
@@ -135,9 +144,10 @@ pub fn encode_document(
     Ok(out.into_bytes())
 }
 
-/// One column of strings, checked to hold `len` of them, read in order.
+/// One column of strings, checked to hold `len` of them, read in order. It keeps as
+/// little as it can (its name is given again on error): every value a loop keeps is a
+/// register taken from it, and WebAssembly code runs short of registers first.
 struct Column<'a> {
-    name: &'static str,
     ends: &'a [u32],
     /// What is not read yet, and where it starts in the column's text.
     rest: &'a str,
@@ -153,35 +163,29 @@ impl<'a> Column<'a> {
             ));
         }
         Ok(Self {
-            name,
             ends: &strings.ends,
             rest: &strings.text,
             consumed: 0,
         })
     }
 
-    /// String `i`, the one after the last one taken.
+    /// String `i`, the one after the last one taken; `None` if its end is out of place
+    /// (before its start, past the text, or inside a character).
     #[inline(always)]
-    fn next(&mut self, i: usize) -> Result<&'a str, String> {
+    fn next(&mut self, i: usize) -> Option<&'a str> {
         let end = self.ends[i] as usize;
-        match end
-            .checked_sub(self.consumed)
-            .and_then(|len| self.rest.split_at_checked(len))
-        {
-            Some((string, rest)) => {
-                self.consumed = end;
-                self.rest = rest;
-                Ok(string)
-            }
-            None => Err(self.out_of_place(i)),
-        }
+        let (string, rest) = self.rest.split_at_checked(end.checked_sub(self.consumed)?)?;
+        self.consumed = end;
+        self.rest = rest;
+        Some(string)
     }
+}
 
-    #[cold]
-    #[inline(never)]
-    fn out_of_place(&self, i: usize) -> String {
-        format!("string {i} of column {} is out of place", self.name)
-    }
+/// The error for string `i` of column `name` out of place.
+#[cold]
+#[inline(never)]
+fn out_of_place(name: &str, i: usize) -> String {
+    format!("string {i} of column {name} is out of place")
 }
 
 /// The document as it is written: a zero-filled buffer longer than what has been
@@ -208,15 +212,29 @@ impl Writer {
     /// Writes a piece of at most `room` bytes through a cursor over room made for it.
     #[inline(always)]
     pub(crate) fn write(&mut self, room: usize, piece: impl FnOnce(&mut Cursor<'_>)) {
+        let mut cursor = self.room(room);
+        piece(&mut cursor);
+        let written = cursor.at;
+        self.advance(written);
+    }
+
+    /// A cursor over `room` bytes after what is written; [`Writer::advance`] by what it
+    /// wrote once done with it.
+    #[inline(always)]
+    pub(crate) fn room(&mut self, room: usize) -> Cursor<'_> {
         if self.buf.len() - self.len < room {
             self.grow(room);
         }
-        let mut cursor = Cursor {
+        Cursor {
             out: &mut self.buf[self.len..self.len + room],
             at: 0,
-        };
-        piece(&mut cursor);
-        self.len += cursor.at;
+        }
+    }
+
+    /// Counts `n` more bytes as written (what a cursor from [`Writer::room`] wrote).
+    #[inline(always)]
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
     }
 
     #[cold]
