@@ -21,7 +21,10 @@ const SMALL_BACKLOG: usize = 10_000;
 const SMALL_RUNS: usize = 7;
 
 mod common;
-use common::{client_system, plugin, post_all, reading, request_body, write_site};
+use common::{
+    batch_counting_client_system, client_system, plugin, post_all, reading, request_body,
+    write_site,
+};
 
 struct Bench {
     dir: tempfile::TempDir,
@@ -49,9 +52,11 @@ impl Bench {
         self.site_for(name, &self.client.base_url()).await
     }
 
-    /// A Client System of its own, storing into a new file.
+    /// A Client System of its own, storing into a new file the record of each batch
+    /// but not its readings: what a batch costs it stays the same through a drain of
+    /// any length, so that the drain's figures are syncd's.
     async fn fresh_client(&self, name: &str) -> Result<Server> {
-        client_system(self.dir.path(), name).await
+        batch_counting_client_system(self.dir.path(), name).await
     }
 
     async fn site_for(&self, name: &str, base_url: &str) -> Result<Config> {
@@ -125,6 +130,26 @@ struct Drain {
     /// included) and between attempts (syncd's database work), first and last window.
     head_split: (f64, f64),
     tail_split: (f64, f64),
+    /// Each batch's cycle after the first, in ms: from the end of the attempt before to
+    /// the end of its own (the time between attempts, syncd's database work, and the
+    /// attempt itself).
+    cycles: Vec<i64>,
+}
+
+impl Drain {
+    /// Mean ms per batch in each tenth of the drain, first to last: a drain that slowed
+    /// down with the size of the backlog would show it as a trend here.
+    fn tenths(&self) -> Vec<f64> {
+        let tenth = self.cycles.len() / 10;
+        if tenth == 0 {
+            return Vec::new();
+        }
+        self.cycles
+            .chunks_exact(tenth)
+            .take(10)
+            .map(|c| c.iter().sum::<i64>() as f64 / c.len() as f64)
+            .collect()
+    }
 }
 
 fn split(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> (f64, f64) {
@@ -211,11 +236,16 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
     } else {
         ((0.0, 0.0), (0.0, 0.0))
     };
+    let cycles = log
+        .windows(2)
+        .map(|w| w[1].started_at_ms + w[1].duration_ms - w[0].started_at_ms - w[0].duration_ms)
+        .collect();
     Ok(Drain {
         rate: measured as f64 / (span_ms as f64 / 1000.0),
         head_and_tail,
         head_split,
         tail_split,
+        cycles,
     })
 }
 
@@ -229,6 +259,16 @@ async fn settle(queue: &Queue) -> Result<()> {
     let synced = tokio::process::Command::new("sync").status().await?;
     anyhow::ensure!(synced.success(), "sync failed: {synced}");
     Ok(())
+}
+
+/// The mean of the middle 80% of `values` (sorted in place): the fastest and the
+/// slowest tenth left out. Over many values it is also finer than the milliseconds of
+/// each (the sync log's unit).
+fn middle_mean(values: &mut [i64]) -> f64 {
+    values.sort_unstable();
+    let tenth = values.len() / 10;
+    let middle = &values[tenth..values.len() - tenth];
+    middle.iter().sum::<i64>() as f64 / middle.len().max(1) as f64
 }
 
 #[tokio::main]
@@ -245,22 +285,35 @@ async fn main() -> Result<()> {
     eprintln!("bench: ingest, {INGEST_REQUESTS} requests of {READINGS_PER_REQUEST} readings…");
     let ingest_rate = ingest(&bench).await?;
     // A small backlog drains in well under a second, ten batches: its rate moves with
-    // whatever else the machine does in that moment. Take the median of several runs.
+    // whatever else the machine does in that moment. Take the median of several runs,
+    // some before the large drain and some after it, so that a drift of the machine's
+    // speed over the run weighs on both sides alike.
     let mut smalls = Vec::new();
-    for run in 1..=SMALL_RUNS {
+    let mut small_cycles = Vec::new();
+    let mut small_drain = async |run: usize| -> Result<()> {
         eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of {SMALL_RUNS}…");
-        smalls.push(
-            drain(&bench, SMALL_BACKLOG, &format!("drain-small-{run}"))
-                .await?
-                .rate,
-        );
+        let drained = drain(&bench, SMALL_BACKLOG, &format!("drain-small-{run}")).await?;
+        smalls.push(drained.rate);
+        small_cycles.extend(drained.cycles);
+        Ok(())
+    };
+    for run in 1..=SMALL_RUNS.div_ceil(2) {
+        small_drain(run).await?;
+    }
+    eprintln!("bench: drain, {large} queued…");
+    let big_drain = drain(&bench, large, "drain-large").await?;
+    for run in SMALL_RUNS.div_ceil(2) + 1..=SMALL_RUNS {
+        small_drain(run).await?;
     }
     eprintln!("bench: small drains: {smalls:.0?} readings/s");
     smalls.sort_by(f64::total_cmp);
     let small = smalls[SMALL_RUNS / 2];
-    eprintln!("bench: drain, {large} queued…");
-    let big_drain = drain(&bench, large, "drain-large").await?;
     let big = big_drain.rate;
+    // The typical batch, small backlog against large: the middle of the cycles is not
+    // moved by the few batches a busy moment slows down, which a ten-batch drain cannot
+    // average out.
+    let small_cycle = middle_mean(&mut small_cycles);
+    let big_cycle = middle_mean(&mut big_drain.cycles.clone());
 
     println!("queue benchmark ({backend}, batches of 1000, release build, loopback)");
     println!("{:<44} {:>14}", "measure", "readings/s");
@@ -275,6 +328,16 @@ async fn main() -> Result<()> {
     );
     println!("{:<44} {:>14.0}", format!("drain, {large} queued"), big);
     println!("{:<44} {:>14.2}", "drain ratio large/small", big / small);
+    println!(
+        "{:<44} {:>14}",
+        "  ms per batch (middle 80%), small / large",
+        format!("{small_cycle:.2} / {big_cycle:.2}")
+    );
+    println!(
+        "{:<44} {:>14.2}",
+        "  batch speed large/small (middle 80%)",
+        small_cycle / big_cycle
+    );
     if let Some((head, tail)) = big_drain.head_and_tail {
         for (label, (inside, between)) in [
             ("first", big_drain.head_split),
@@ -302,6 +365,14 @@ async fn main() -> Result<()> {
             head / tail
         );
     }
+    let tenths = big_drain.tenths();
+    if !tenths.is_empty() {
+        let shown: Vec<String> = tenths.iter().map(|ms| format!("{ms:.1}")).collect();
+        println!(
+            "  ms per batch in each tenth of the {large}: {}",
+            shown.join(" ")
+        );
+    }
 
     let json = serde_json::json!({
         "backend": backend,
@@ -311,7 +382,11 @@ async fn main() -> Result<()> {
             { "queued": large, "readings_per_s": big },
         ],
         "drain_ratio_large_over_small": big / small,
+        "drain_batch_ms_middle_80_small": small_cycle,
+        "drain_batch_ms_middle_80_large": big_cycle,
+        "drain_batch_speed_large_over_small": small_cycle / big_cycle,
         "large_drain_head_and_tail_readings_per_s": big_drain.head_and_tail,
+        "large_drain_ms_per_batch_by_tenth": tenths,
     });
     common::write_json("queue", &json)?;
     Ok(())

@@ -173,6 +173,11 @@ fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
         "target: about 1",
     );
     show(
+        "drain, typical batch, large backlog / small",
+        figure("/queue/drain_batch_speed_large_over_small"),
+        "the middle 80% of batches",
+    );
+    show(
         "reload latency, cold compile, ms",
         figure("/reload/reload_cold_ms"),
         "",

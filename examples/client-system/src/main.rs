@@ -20,6 +20,14 @@ struct Cli {
     /// The API key it accepts.
     #[arg(long, env = "CLIENT_API_KEY", default_value = "demo-key")]
     api_key: String,
+    /// Acknowledge a batch without waiting for it to reach the disk: a crash of the
+    /// machine may lose the last batches acknowledged. For benchmarking a sender.
+    #[arg(long)]
+    no_flush: bool,
+    /// Store each batch's record (key, site, content type, how many readings it held)
+    /// but not its readings. For benchmarking a sender's long runs.
+    #[arg(long)]
+    batches_only: bool,
 }
 
 #[tokio::main]
@@ -33,6 +41,8 @@ async fn main() -> Result<()> {
         Options {
             api_key: cli.api_key,
             database: cli.database,
+            flush_each_batch: !cli.no_flush,
+            store_readings: !cli.batches_only,
         },
     )
     .await?;

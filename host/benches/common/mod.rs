@@ -85,11 +85,26 @@ pub async fn post_all(url: &str, bodies: &[Vec<u8>]) -> Result<()> {
 
 /// A reference Client System on loopback, storing into `client-system-<name>.db` in `dir`.
 pub async fn client_system(dir: &Path, name: &str) -> Result<Server> {
+    start_client_system(dir, name, true).await
+}
+
+/// The same, storing each batch's record but not its readings (see
+/// [`Options::store_readings`]): a sink whose cost per batch does not grow with what it
+/// has received.
+pub async fn batch_counting_client_system(dir: &Path, name: &str) -> Result<Server> {
+    start_client_system(dir, name, false).await
+}
+
+async fn start_client_system(dir: &Path, name: &str, store_readings: bool) -> Result<Server> {
     Server::start(
         "127.0.0.1:0".parse()?,
         Options {
             api_key: API_KEY.into(),
             database: dir.join(format!("client-system-{name}.db")),
+            // What is measured is syncd: a sink that waits for the disk at every batch
+            // adds the disk's time (and its noise) to every figure.
+            flush_each_batch: false,
+            store_readings,
         },
     )
     .await

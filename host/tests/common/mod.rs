@@ -95,6 +95,8 @@ impl Endpoint {
                 Options {
                     api_key: API_KEY.into(),
                     database: self.database.clone(),
+                    flush_each_batch: true,
+                    store_readings: true,
                 },
             )
             .await

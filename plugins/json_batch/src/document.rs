@@ -85,10 +85,16 @@ pub fn encode_document(
         .zip(&readings.values)
         .zip(&readings.attribute_ends);
     for (i, (((&id, &timestamp), &value), &end)) in numbers.enumerate() {
-        let meter_id = meter_ids.next(i).ok_or_else(|| out_of_place("meter-ids", i))?;
-        let channel = channels.next(i).ok_or_else(|| out_of_place("channels", i))?;
+        let meter_id = meter_ids
+            .next(i)
+            .ok_or_else(|| out_of_place("meter-ids", i))?;
+        let channel = channels
+            .next(i)
+            .ok_or_else(|| out_of_place("channels", i))?;
         let unit = units.next(i).ok_or_else(|| out_of_place("units", i))?;
-        let quality = qualities.next(i).ok_or_else(|| out_of_place("qualities", i))?;
+        let quality = qualities
+            .next(i)
+            .ok_or_else(|| out_of_place("qualities", i))?;
         let text = meter_id.len() + channel.len() + unit.len() + quality.len();
         // Written straight through a cursor, not in a closure: the compiler keeps a
         // closure this size out of line, and its cursor in memory.
@@ -119,7 +125,9 @@ pub fn encode_document(
             return Err(format!("attribute ends decrease at reading {i}"));
         }
         for j in pair..end {
-            let key = keys.next(j).ok_or_else(|| out_of_place("attribute-keys", j))?;
+            let key = keys
+                .next(j)
+                .ok_or_else(|| out_of_place("attribute-keys", j))?;
             let value = values
                 .next(j)
                 .ok_or_else(|| out_of_place("attribute-values", j))?;
@@ -174,7 +182,9 @@ impl<'a> Column<'a> {
     #[inline(always)]
     fn next(&mut self, i: usize) -> Option<&'a str> {
         let end = self.ends[i] as usize;
-        let (string, rest) = self.rest.split_at_checked(end.checked_sub(self.consumed)?)?;
+        let (string, rest) = self
+            .rest
+            .split_at_checked(end.checked_sub(self.consumed)?)?;
         self.consumed = end;
         self.rest = rest;
         Some(string)
