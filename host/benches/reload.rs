@@ -5,7 +5,7 @@
 //! code under two hashes, so only the reloads differ. Prints a table and writes
 //! `target/bench/reload.json`.
 //!
-//! Arguments: `--reload-readings N` (default 300000) per throughput run; `--trials N`
+//! Arguments: `--reload-readings N` (default 1000000) per throughput run; `--trials N`
 //! (default 3) latency measurements of each kind.
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use syncd::reading::NewReading;
 use syncd::supervisor::RELOAD_DEBOUNCE;
 
 mod common;
-use common::{client_system, number, plugin, write_site};
+use common::{batch_counting_client_system, number, plugin, write_site};
 
 /// Writes `bytes` beside `path`, then renames it into place, as a deploy would.
 fn deploy(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -43,7 +43,9 @@ struct Site {
 impl Site {
     async fn new() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let client = client_system(dir.path(), "reload").await?;
+        // A Client System that records batches without their readings: what a batch
+        // costs it stays the same from the run without reloads to the run with them.
+        let client = batch_counting_client_system(dir.path(), "reload").await?;
         let encoder = dir.path().join("encoder.wasm");
         std::fs::copy(plugin("json_batch"), &encoder).context("run `cargo xtask plugins` first")?;
         let config = write_site(
@@ -166,7 +168,7 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let readings = number("--reload-readings", 300_000)?;
+    let readings = number("--reload-readings", 1_000_000)?;
     let trials = number("--trials", 3)?.max(1);
     // Two builds of the same encoder: what is measured is the reload, not a
     // difference between encoders.

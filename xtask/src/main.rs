@@ -77,7 +77,7 @@ const USAGE: &str = "usage: cargo xtask <plugins|build-plugin|test|demo|bench|re
             end to end [100000], --large N drain backlog [1000000; 10000000 is
             the long one], --postgres URL for the queue benchmark, --rate N and
             --seconds N of the steady load [10000, 20], --reload-readings N
-            [300000] and --trials N [3] of the reload benchmark)
+            [1000000] and --trials N [3] of the reload benchmark)
   reliability
             the long crash, fault and fuzz runs, in release mode, printing their
             figures (options: --kills N [200], --chaos RATE [0.3],
