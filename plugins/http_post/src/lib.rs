@@ -47,7 +47,10 @@ impl Guest for HttpPost {
         let method = setting("method").unwrap_or_else(|| "POST".into());
         if !["POST", "PUT", "PATCH"].contains(&method.as_str()) {
             // A wrong setting: retried, so that fixing sync.toml loses nothing.
-            return retry(format!("setting method = {method:?}: use POST, PUT or PATCH"), None);
+            return retry(
+                format!("setting method = {method:?}: use POST, PUT or PATCH"),
+                None,
+            );
         }
         let mut headers = match headers() {
             Ok(headers) => headers,
@@ -137,7 +140,11 @@ fn headers() -> Result<Vec<(String, String)>, String> {
     if let Some(key) = settings::secret("api-key") {
         let name = setting("auth_header").unwrap_or_else(|| "authorization".into());
         let scheme = setting("auth_scheme").unwrap_or_else(|| "Bearer".into());
-        let value = if scheme.is_empty() { key } else { format!("{scheme} {key}") };
+        let value = if scheme.is_empty() {
+            key
+        } else {
+            format!("{scheme} {key}")
+        };
         headers.push((name, value));
     }
     Ok(headers)

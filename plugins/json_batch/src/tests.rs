@@ -69,9 +69,15 @@ fn integers_and_escapes() {
     for v in integers {
         assert_eq!(written(NUMBER_ROOM, |c| c.u64(v)), v.to_string());
         let negative = (v as i64).wrapping_neg();
-        assert_eq!(written(NUMBER_ROOM, |c| c.i64(negative)), negative.to_string());
+        assert_eq!(
+            written(NUMBER_ROOM, |c| c.i64(negative)),
+            negative.to_string()
+        );
     }
-    assert_eq!(written(NUMBER_ROOM, |c| c.i64(i64::MIN)), i64::MIN.to_string());
+    assert_eq!(
+        written(NUMBER_ROOM, |c| c.i64(i64::MIN)),
+        i64::MIN.to_string()
+    );
     for text in &texts() {
         let got = written(string_room(text.len()), |c| c.string(text));
         assert_eq!(got, quoted(text), "{text:?}");
@@ -230,14 +236,20 @@ fn columns_that_do_not_hold_together_are_refused() {
     let mut r = two_readings();
     r.values.pop();
     let err = crate::encode_document("b", "s", &r).unwrap_err();
-    assert!(err.starts_with("the batch's columns differ in length"), "{err}");
+    assert!(
+        err.starts_with("the batch's columns differ in length"),
+        "{err}"
+    );
 
     let mut r = two_readings();
     r.attribute_keys = strings(&["a"]);
     r.attribute_values = strings(&["b"]);
     r.attribute_ends = vec![1, 0];
     let err = crate::encode_document("b", "s", &r).unwrap_err();
-    assert!(err.starts_with("column attribute-keys holds 1 strings for 0"), "{err}");
+    assert!(
+        err.starts_with("column attribute-keys holds 1 strings for 0"),
+        "{err}"
+    );
 
     let mut r = two_readings();
     r.ids.push(3);

@@ -55,10 +55,19 @@ pub fn encode_lines(r: &Readings, measurement: &str, precision: &str) -> Result<
         "us" => 1_000,
         "ms" => 1,
         "s" => 0,
-        other => return Err(format!("setting precision = {other:?}: use ns, us, ms or s")),
+        other => {
+            return Err(format!(
+                "setting precision = {other:?}: use ns, us, ms or s"
+            ));
+        }
     };
     let n = r.ids.len();
-    if [r.timestamps_ms.len(), r.values.len(), r.attribute_ends.len()] != [n; 3] {
+    if [
+        r.timestamps_ms.len(),
+        r.values.len(),
+        r.attribute_ends.len(),
+    ] != [n; 3]
+    {
         return Err("the batch's columns differ in length".into());
     }
     let pairs = r.attribute_ends.last().copied().unwrap_or(0) as usize;
@@ -99,7 +108,11 @@ pub fn encode_lines(r: &Readings, measurement: &str, precision: &str) -> Result<
             return Err(format!("reading {} has the value {value}", r.ids[i]));
         }
         let ms = r.timestamps_ms[i];
-        let timestamp = if per_ms == 0 { ms.div_euclid(1000) } else { ms.saturating_mul(per_ms) };
+        let timestamp = if per_ms == 0 {
+            ms.div_euclid(1000)
+        } else {
+            ms.saturating_mul(per_ms)
+        };
         // Writing into a String cannot fail.
         let _ = writeln!(out, " value={value:?},id={}i {timestamp}", r.ids[i]);
     }
@@ -148,13 +161,20 @@ struct Column<'a>(&'a Strings);
 impl<'a> Column<'a> {
     fn new(strings: &'a Strings, len: usize) -> Result<Self, String> {
         if strings.ends.len() != len {
-            return Err(format!("a column holds {} strings for {len}", strings.ends.len()));
+            return Err(format!(
+                "a column holds {} strings for {len}",
+                strings.ends.len()
+            ));
         }
         Ok(Self(strings))
     }
 
     fn get(&self, i: usize) -> Result<&'a str, String> {
-        let start = if i == 0 { 0 } else { self.0.ends[i - 1] as usize };
+        let start = if i == 0 {
+            0
+        } else {
+            self.0.ends[i - 1] as usize
+        };
         self.0
             .text
             .get(start..self.0.ends[i] as usize)

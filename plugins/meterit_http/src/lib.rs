@@ -41,8 +41,8 @@ impl Guest for MeterItHttp {
 
     fn authenticate() -> Result<(), String> {
         TOKEN.with(|t| t.borrow_mut().take());
-        let api_key = settings::secret("api-key")
-            .ok_or("no api_key is configured for this client system")?;
+        let api_key =
+            settings::secret("api-key").ok_or("no api_key is configured for this client system")?;
         let body = serde_json::to_vec(&serde_json::json!({ "api_key": api_key }))
             .map_err(|e| e.to_string())?;
         let response = send("POST", &path("auth_path", "auth"), json_headers(None), body)
@@ -90,8 +90,13 @@ impl Guest for MeterItHttp {
     }
 
     fn probe() -> Result<(), String> {
-        let response = send("GET", &path("health_path", "health"), Vec::new(), Vec::new())
-            .map_err(|e| describe_error(&e))?;
+        let response = send(
+            "GET",
+            &path("health_path", "health"),
+            Vec::new(),
+            Vec::new(),
+        )
+        .map_err(|e| describe_error(&e))?;
         if (200..300).contains(&response.status) {
             Ok(())
         } else {

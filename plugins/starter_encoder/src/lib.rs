@@ -86,7 +86,12 @@ pub struct Reading<'a> {
 /// (far cheaper than one record per reading); this puts each reading back together.
 pub fn each_reading(r: &Readings) -> Result<Vec<Reading<'_>>, String> {
     let n = r.ids.len();
-    if [r.timestamps_ms.len(), r.values.len(), r.attribute_ends.len()] != [n; 3] {
+    if [
+        r.timestamps_ms.len(),
+        r.values.len(),
+        r.attribute_ends.len(),
+    ] != [n; 3]
+    {
         return Err("the batch's columns differ in length".into());
     }
     let pairs = r.attribute_ends.last().copied().unwrap_or(0) as usize;
@@ -120,14 +125,20 @@ pub fn each_reading(r: &Readings) -> Result<Vec<Reading<'_>>, String> {
 /// The `len` strings of a column: `text` cut at each of `ends` (byte offsets).
 fn split(column: &Strings, len: usize) -> Result<Vec<&str>, String> {
     if column.ends.len() != len {
-        return Err(format!("a column holds {} strings for {len}", column.ends.len()));
+        return Err(format!(
+            "a column holds {} strings for {len}",
+            column.ends.len()
+        ));
     }
     let mut start = 0;
     column
         .ends
         .iter()
         .map(|&end| {
-            let s = column.text.get(start..end as usize).ok_or("a string ends out of place")?;
+            let s = column
+                .text
+                .get(start..end as usize)
+                .ok_or("a string ends out of place")?;
             start = end as usize;
             Ok(s)
         })
