@@ -356,6 +356,22 @@ impl Server {
         stored_batches(&self.state).await
     }
 
+    /// Whether its database connections wait for the disk at each commit (SQLite's
+    /// `synchronous` at `FULL`), as [`Options::flush_each_batch`] asks.
+    pub async fn flushes_each_batch(&self) -> Result<bool> {
+        let row = self
+            .state
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "PRAGMA synchronous",
+            ))
+            .await?
+            .context("PRAGMA synchronous returned no row")?;
+        // 2 is FULL, 1 NORMAL.
+        Ok(row.try_get_by_index::<i64>(0)? >= 2)
+    }
+
     /// Every heartbeat received, oldest first, as sent.
     pub fn heartbeats(&self) -> Vec<serde_json::Value> {
         lock(&self.state.heartbeats).clone()
@@ -652,12 +668,13 @@ async fn store_batch(
         return Ok(None);
     }
     let _ = &batch.batch_id;
-    let stored = if state.options.store_readings {
-        batch.readings.len()
+    // Without its readings, the batch's record above is all that is kept.
+    let readings: &[WireReading] = if state.options.store_readings {
+        &batch.readings
     } else {
-        0
+        &[]
     };
-    for chunk in batch.readings[..stored].chunks(INSERT_CHUNK) {
+    for chunk in readings.chunks(INSERT_CHUNK) {
         let mut sql = String::from(
             "INSERT INTO readings (batch_id, site_id, id, meter_id, channel, timestamp, value, unit, quality, attributes) VALUES ",
         );

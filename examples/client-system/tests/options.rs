@@ -59,6 +59,7 @@ async fn upload(server: &Server, id: &str, n: usize) -> Value {
 async fn without_its_readings_a_batch_is_still_counted_and_recognised_again() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), false, false).await;
+    assert!(!server.flushes_each_batch().await.unwrap());
     assert_eq!(upload(&server, "b-1", 3).await["accepted"], 3);
     assert_eq!(upload(&server, "b-2", 5).await["accepted"], 5);
     let again = upload(&server, "b-1", 3).await;
@@ -77,6 +78,7 @@ async fn without_its_readings_a_batch_is_still_counted_and_recognised_again() {
 async fn readings_are_stored_by_default_flushed_at_each_batch_or_not() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), true, true).await;
+    assert!(server.flushes_each_batch().await.unwrap());
     upload(&server, "b-1", 4).await;
     let stats = server.stats().await.unwrap();
     assert_eq!((stats.batches, stats.readings), (1, 4));
@@ -88,6 +90,7 @@ async fn readings_are_stored_by_default_flushed_at_each_batch_or_not() {
     // Written without waiting for the disk: still there for a server that starts again
     // on the same file (only a crash of the machine could lose it).
     let server = start(dir.path(), false, true).await;
+    assert!(!server.flushes_each_batch().await.unwrap());
     upload(&server, "b-2", 2).await;
     let stats = server.stats().await.unwrap();
     assert_eq!((stats.batches, stats.readings), (2, 6));
