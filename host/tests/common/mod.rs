@@ -117,10 +117,23 @@ pub struct Site {
     pub backend: Backend,
 }
 
-/// A free port on loopback (bound, then released).
+/// A free port on loopback (bound, then released), never one handed out before in
+/// this process: the tests of a binary run at once, and a port released by one can be
+/// the next the system gives another, whose daemon would then fail to listen while its
+/// requests went to the first one's.
 pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("an address")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = listener.local_addr().expect("an address");
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 impl Site {
