@@ -130,6 +130,9 @@ struct Drain {
     /// included) and between attempts (syncd's database work), first and last window.
     head_split: (f64, f64),
     tail_split: (f64, f64),
+    /// The same split over every batch after the first: (ms in attempts, ms between
+    /// them, number of batches), for comparing small drains with the large one.
+    whole_split: (f64, f64, usize),
     /// Each batch's cycle after the first, in ms: from the end of the attempt before to
     /// the end of its own (the time between attempts, syncd's database work, and the
     /// attempt itself).
@@ -236,6 +239,8 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
     } else {
         ((0.0, 0.0), (0.0, 0.0))
     };
+    let whole = split(first, &log[1..]);
+    let whole_split = (whole.0, whole.1, log.len() - 1);
     let cycles = log
         .windows(2)
         .map(|w| w[1].started_at_ms + w[1].duration_ms - w[0].started_at_ms - w[0].duration_ms)
@@ -245,6 +250,7 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
         head_and_tail,
         head_split,
         tail_split,
+        whole_split,
         cycles,
     })
 }
@@ -259,6 +265,16 @@ async fn settle(queue: &Queue) -> Result<()> {
     let synced = tokio::process::Command::new("sync").status().await?;
     anyhow::ensure!(synced.success(), "sync failed: {synced}");
     Ok(())
+}
+
+/// The mean ms per batch in attempts and between them over several drains' whole
+/// splits, each drain weighted by its batches.
+fn weighted_split(splits: &[(f64, f64, usize)]) -> (f64, f64) {
+    let batches: usize = splits.iter().map(|s| s.2).sum();
+    let sum = |f: fn(&(f64, f64, usize)) -> f64| {
+        splits.iter().map(|s| f(s) * s.2 as f64).sum::<f64>() / batches.max(1) as f64
+    };
+    (sum(|s| s.0), sum(|s| s.1))
 }
 
 /// The mean of the middle 80% of `values` (sorted in place): the fastest and the
@@ -290,11 +306,13 @@ async fn main() -> Result<()> {
     // speed over the run weighs on both sides alike.
     let mut smalls = Vec::new();
     let mut small_cycles = Vec::new();
+    let mut small_splits = Vec::new();
     let mut small_drain = async |run: usize| -> Result<()> {
         eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of {SMALL_RUNS}…");
         let drained = drain(&bench, SMALL_BACKLOG, &format!("drain-small-{run}")).await?;
         smalls.push(drained.rate);
         small_cycles.extend(drained.cycles);
+        small_splits.push(drained.whole_split);
         Ok(())
     };
     for run in 1..=SMALL_RUNS.div_ceil(2) {
@@ -339,6 +357,20 @@ async fn main() -> Result<()> {
         "{:<44} {:>14.2}",
         "  batch speed large/small (middle 80%)",
         small_cycle / big_cycle
+    );
+    // Where a large backlog's extra time per batch goes: into the attempts (encoder,
+    // transport, Client System) or between them (syncd's work on the queue).
+    let small_split = weighted_split(&small_splits);
+    let big_split = big_drain.whole_split;
+    println!(
+        "{:<44} {:>14}",
+        "  ms per batch in attempt, small / large",
+        format!("{:.2} / {:.2}", small_split.0, big_split.0)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "  ms per batch between, small / large",
+        format!("{:.2} / {:.2}", small_split.1, big_split.1)
     );
     if let Some((head, tail)) = big_drain.head_and_tail {
         for (label, (inside, between)) in [
@@ -386,6 +418,10 @@ async fn main() -> Result<()> {
         "drain_batch_ms_middle_80_small": small_cycle,
         "drain_batch_ms_middle_80_large": big_cycle,
         "drain_batch_speed_large_over_small": small_cycle / big_cycle,
+        "drain_attempt_ms_per_batch_small": small_split.0,
+        "drain_attempt_ms_per_batch_large": big_split.0,
+        "drain_between_ms_per_batch_small": small_split.1,
+        "drain_between_ms_per_batch_large": big_split.1,
         "large_drain_head_and_tail_readings_per_s": big_drain.head_and_tail,
         "large_drain_ms_per_batch_by_tenth": tenths,
     });

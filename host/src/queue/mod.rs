@@ -55,6 +55,17 @@ pub use syncd_migrations::INGEST_LOCK_KEY;
 /// one at a time ("prune" in ASCII).
 pub const PRUNE_LOCK_KEY: i64 = 482_184_015_461;
 
+/// SQLite's write-ahead log is copied into the database file (a checkpoint, with a
+/// flush to disk) by a connection of syncd's own this often, instead of by whichever
+/// transaction happens to commit when the log reaches 1000 pages (SQLite's default):
+/// that would be a delivery's acknowledgement or an ingest, which then waits for it.
+const SQLITE_CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Pages of SQLite's write-ahead log (64 MiB of 4 KiB pages) past which a committing
+/// transaction checkpoints after all: only when the checkpoints above cannot keep up
+/// (a long read holding the log, the disk too slow).
+const SQLITE_FALLBACK_AUTOCHECKPOINT: u32 = 16_384;
+
 /// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
 const POSTGRES_POOL: u32 = 8;
 
@@ -100,6 +111,9 @@ pub struct Queue {
     process: std::sync::Arc<str>,
     /// How long a batch taken stays with this process unless renewed.
     lease_ms: i64,
+    /// On SQLite, what copies the write-ahead log into the database file; it stops
+    /// with the last clone of the queue.
+    _checkpointer: Option<std::sync::Arc<Checkpointer>>,
 }
 
 /// A process sharing the queue, with the batches it holds.
@@ -233,6 +247,7 @@ impl Queue {
     /// Opens (creating if needed) the database at `url` and brings its schema up to
     /// date. Relative SQLite paths are resolved against `base_dir`.
     pub async fn open(url: &str, durability: Durability, base_dir: &Path) -> Result<Self> {
+        let mut sqlite_file = None;
         let mut options = if let Some(path) = sqlite_path(url) {
             let path = if path.is_absolute() || path == Path::new(":memory:") {
                 path.to_owned()
@@ -243,19 +258,10 @@ impl Queue {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("failed to create {}", parent.display()))?;
             }
-            let mut options = ConnectOptions::new(format!("sqlite://{}", path.display()));
-            options.map_sqlx_sqlite_opts(move |o| {
-                use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-                o.filename(&path)
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(match durability {
-                        Durability::Normal => SqliteSynchronous::Normal,
-                        Durability::Full => SqliteSynchronous::Full,
-                    })
-                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
-            });
-            options
+            if path != Path::new(":memory:") {
+                sqlite_file = Some(path.clone());
+            }
+            sqlite_options(path, durability, SQLITE_FALLBACK_AUTOCHECKPOINT)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut options = ConnectOptions::new(url.to_owned());
             options
@@ -273,11 +279,20 @@ impl Queue {
         let db = connect_and_migrate(options)
             .await
             .with_context(|| format!("failed to open the database {}", redact_url(url)))?;
+        let checkpointer = match sqlite_file {
+            Some(path) => Some(std::sync::Arc::new(
+                Checkpointer::start(path, durability)
+                    .await
+                    .with_context(|| format!("failed to open the database {}", redact_url(url)))?,
+            )),
+            None => None,
+        };
         Ok(Self {
             db,
             max_readings: None,
             process: format!("{}:{}", host_name(), std::process::id()).into(),
             lease_ms: DEFAULT_BATCH_LEASE.as_millis() as i64,
+            _checkpointer: checkpointer,
         })
     }
 
@@ -542,11 +557,24 @@ impl Queue {
         after: i64,
         rows: &[QueuedReading],
     ) -> Result<Option<Batch>> {
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
         let txn = self.db.begin().await?;
-        if batched_through(&txn, client_system).await? != after {
+        // The progress is checked and moved in one statement (one round trip fewer per
+        // batch); on PostgreSQL it locks the Client System's row, as `batched_through`
+        // does in `new_batch`, to the end of the transaction.
+        let moved = client_system::Entity::update_many()
+            .col_expr(client_system::Column::BatchedThrough, Expr::value(last.id))
+            .filter(client_system::Column::Name.eq(client_system))
+            .filter(client_system::Column::BatchedThrough.eq(after))
+            .exec(&txn)
+            .await?;
+        if moved.rows_affected != 1 {
+            // Batched further meanwhile (or the Client System is gone): nothing recorded.
             return Ok(None);
         }
-        let record = self.record_batch(&txn, client_system, rows).await?;
+        let record = self.insert_batch(&txn, client_system, rows).await?;
         txn.commit().await?;
         Ok(record)
     }
@@ -845,6 +873,28 @@ impl Queue {
         client_system: &str,
         rows: &[QueuedReading],
     ) -> Result<Option<Batch>> {
+        let Some(record) = self.insert_batch(txn, client_system, rows).await? else {
+            return Ok(None);
+        };
+        client_system::Entity::update_many()
+            .col_expr(
+                client_system::Column::BatchedThrough,
+                Expr::value(record.last_reading_id),
+            )
+            .filter(client_system::Column::Name.eq(client_system))
+            .exec(txn)
+            .await?;
+        Ok(Some(record))
+    }
+
+    /// Inserts the batch record of `rows`, leased to this process; none when there are
+    /// no rows. The caller moves the Client System's progress.
+    async fn insert_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        client_system: &str,
+        rows: &[QueuedReading],
+    ) -> Result<Option<Batch>> {
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             return Ok(None);
         };
@@ -864,11 +914,6 @@ impl Queue {
         }
         .insert(txn)
         .await?;
-        client_system::Entity::update_many()
-            .col_expr(client_system::Column::BatchedThrough, Expr::value(last.id))
-            .filter(client_system::Column::Name.eq(client_system))
-            .exec(txn)
-            .await?;
         Ok(Some(record))
     }
 
@@ -1091,6 +1136,75 @@ const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// the same moment (the daemon and `syncd enqueue`, say) race: on SQLite, switching a
 /// new file to WAL fails at once with "database is locked", and both may run the
 /// migrations. The one that loses finds the work done when it tries again.
+/// Options for a connection to the SQLite file at `path`, checkpointing by itself past
+/// `autocheckpoint` pages of write-ahead log (0: never).
+fn sqlite_options(
+    path: std::path::PathBuf,
+    durability: Durability,
+    autocheckpoint: u32,
+) -> ConnectOptions {
+    let mut options = ConnectOptions::new(format!("sqlite://{}", path.display()));
+    options.map_sqlx_sqlite_opts(move |o| {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+        o.filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Normal => SqliteSynchronous::Normal,
+                Durability::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .pragma("wal_autocheckpoint", autocheckpoint.to_string())
+    });
+    options
+}
+
+/// Checkpoints a SQLite queue every [`SQLITE_CHECKPOINT_EVERY`] from a connection of
+/// its own, beside the queue's (SQLite lets a checkpoint run while another connection
+/// writes, in WAL mode). Stopped when dropped.
+struct Checkpointer {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    async fn start(path: std::path::PathBuf, durability: Durability) -> Result<Self> {
+        let mut options = sqlite_options(path, durability, 0);
+        options.max_connections(1).sqlx_logging(false);
+        let db = Database::connect(options).await?;
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(SQLITE_CHECKPOINT_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                every.tick().await;
+                // PASSIVE: copies what no reader still needs, waits for no one; with
+                // nothing new in the log it only reads the log's header.
+                match db
+                    .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+                    .await
+                {
+                    Ok(_) => failing = false,
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            "failed to checkpoint the SQLite write-ahead log (writers will \
+                             past {SQLITE_FALLBACK_AUTOCHECKPOINT} pages): {error}"
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        Ok(Self { task })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 async fn connect_and_migrate(options: ConnectOptions) -> Result<DatabaseConnection> {
     const TRIES: u32 = 5;
     let mut tries = 0;
@@ -1218,38 +1332,22 @@ async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
         .await
         .context("failed to take the prune lock")?;
     }
-    let batched: Option<i64> = client_system::Entity::find()
-        .select_only()
-        .column_as(client_system::Column::BatchedThrough.min(), "m")
-        .into_tuple()
-        .one(txn)
-        .await?
-        .flatten();
-    let Some(mut watermark) = batched else {
-        return Ok(0);
-    };
-    let in_batches: Option<i64> = batch::Entity::find()
-        .select_only()
-        .column_as(batch::Column::FirstReadingId.min(), "m")
-        .into_tuple()
-        .one(txn)
-        .await?
-        .flatten();
-    let in_dead_letters: Option<i64> = dead_letter::Entity::find()
-        .select_only()
-        .column_as(dead_letter::Column::FirstReadingId.min(), "m")
-        .into_tuple()
-        .one(txn)
-        .await?
-        .flatten();
-    for first in [in_batches, in_dead_letters].into_iter().flatten() {
-        watermark = watermark.min(first - 1);
-    }
-    let deleted = reading::Entity::delete_many()
-        .filter(reading::Column::Id.lte(watermark))
-        .exec(txn)
-        .await?;
-    Ok(deleted.rows_affected)
+    // One statement, not a query per table: each is a round trip to the database (on
+    // SQLite, to the thread that owns the connection), several per batch delivered.
+    // Readings up to the least progress of any Client System go, except those of a
+    // batch still recorded or of a dead letter (from the first such reading on). With
+    // no Client System registered, the bound is NULL and nothing goes.
+    let deleted = txn
+        .execute_raw(Statement::from_string(
+            txn.get_database_backend(),
+            "DELETE FROM readings \
+             WHERE id <= (SELECT MIN(batched_through) FROM client_systems) \
+               AND id < COALESCE((SELECT MIN(first_reading_id) FROM batches), 9223372036854775807) \
+               AND id < COALESCE((SELECT MIN(first_reading_id) FROM dead_letters), 9223372036854775807)",
+        ))
+        .await
+        .context("failed to prune readings")?;
+    Ok(deleted.rows_affected())
 }
 
 async fn max_reading_id(txn: &impl ConnectionTrait) -> Result<i64> {
