@@ -220,6 +220,12 @@ async fn dead_letters_are_listed_requeued_and_purged(backend: Backend, test: &st
         queue.pending_batch("meterit").await.unwrap().is_none()
     })
     .await;
+    // Delivering the first pruned its readings, and none of the other's.
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        10,
+        "the other dead letter keeps its readings"
+    );
 
     // Purge the other: its readings go, since no Client System needs them any more.
     assert_eq!(queue.purge_dead_letters(None).await.unwrap(), 1);
