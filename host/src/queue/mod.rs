@@ -57,9 +57,9 @@ pub const PRUNE_LOCK_KEY: i64 = 482_184_015_461;
 
 /// Pages of SQLite's write-ahead log (16 MiB of 4 KiB pages) past which the
 /// transaction that commits copies the log into the database file (a checkpoint, with
-/// a flush to disk). SQLite's default, 1000, costs a delivery or an ingest a checkpoint
-/// about every 20 batches; at 4096 a quarter as many flushes (in the queue benchmark,
-/// ingest about 8% and a large drain about 3% faster, alternated runs).
+/// a flush to disk). SQLite's default, 1000, has a delivery or an ingest checkpoint
+/// about every 30 batches of 1000 readings; 4096 makes a quarter as many flushes (in the
+/// queue benchmark, ingest about 8% and a large drain about 3% faster, alternated runs).
 const SQLITE_AUTOCHECKPOINT: u32 = 4096;
 
 /// Connections to a PostgreSQL server (one per worker is plenty; the rest serve ingest).
@@ -1314,15 +1314,16 @@ async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
     // One statement, not a query per table: each is a round trip to the database (on
     // SQLite, to the thread that owns the connection), several per batch delivered.
     // Readings up to the least progress of any Client System go, except those of a
-    // batch still recorded or of a dead letter (from the first such reading on). With
-    // no Client System registered, the bound is NULL and nothing goes.
+    // batch still recorded or of a dead letter (from the first such reading on; with
+    // none, the bound is `id + 1`, no bound). With no Client System registered, the
+    // first bound is NULL and nothing goes.
     let deleted = txn
         .execute_raw(Statement::from_string(
             txn.get_database_backend(),
             "DELETE FROM readings \
              WHERE id <= (SELECT MIN(batched_through) FROM client_systems) \
-               AND id < COALESCE((SELECT MIN(first_reading_id) FROM batches), 9223372036854775807) \
-               AND id < COALESCE((SELECT MIN(first_reading_id) FROM dead_letters), 9223372036854775807)",
+               AND id < COALESCE((SELECT MIN(first_reading_id) FROM batches), id + 1) \
+               AND id < COALESCE((SELECT MIN(first_reading_id) FROM dead_letters), id + 1)",
         ))
         .await
         .context("failed to prune readings")?;
