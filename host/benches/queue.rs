@@ -126,13 +126,12 @@ struct Drain {
     /// its largest, and nearly empty. Their ratio answers, within one run, whether
     /// draining slows down with the size of the backlog.
     head_and_tail: Option<(f64, f64)>,
-    /// Mean ms per batch spent inside the attempt (encode + upload, the Client System
-    /// included) and between attempts (syncd's database work), first and last window.
-    head_split: (f64, f64),
-    tail_split: (f64, f64),
-    /// The same split over every batch after the first: (ms in attempts, ms between
-    /// them, number of batches), for comparing small drains with the large one.
-    whole_split: (f64, f64, usize),
+    /// Where the time of the first and the last window went.
+    head_split: Split,
+    tail_split: Split,
+    /// The same over every batch after the first, for comparing small drains (added
+    /// together) with the large one.
+    whole_split: Split,
     /// Each batch's cycle after the first, in ms: from the end of the attempt before to
     /// the end of its own (the time between attempts, syncd's database work, and the
     /// attempt itself).
@@ -155,16 +154,42 @@ impl Drain {
     }
 }
 
-fn split(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> (f64, f64) {
-    let inside: i64 = rows.iter().map(|r| r.duration_ms).sum();
-    let mut prev_end = before.started_at_ms + before.duration_ms;
-    let mut between = 0;
-    for r in rows {
-        between += r.started_at_ms - prev_end;
-        prev_end = r.started_at_ms + r.duration_ms;
+/// The ms of some batches spent inside their attempts (encode + upload, the Client
+/// System included) and between attempts (syncd's database work).
+#[derive(Clone, Copy, Default)]
+struct Split {
+    inside_ms: i64,
+    between_ms: i64,
+    batches: usize,
+}
+
+impl Split {
+    /// Of the attempts `rows`, the one `before` them ending where the first span starts.
+    fn of(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> Self {
+        let mut prev_end = before.started_at_ms + before.duration_ms;
+        let mut split = Self::default();
+        for r in rows {
+            split.inside_ms += r.duration_ms;
+            split.between_ms += r.started_at_ms - prev_end;
+            split.batches += 1;
+            prev_end = r.started_at_ms + r.duration_ms;
+        }
+        split
     }
-    let n = rows.len() as f64;
-    (inside as f64 / n, between as f64 / n)
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            inside_ms: self.inside_ms + other.inside_ms,
+            between_ms: self.between_ms + other.between_ms,
+            batches: self.batches + other.batches,
+        }
+    }
+
+    /// Mean ms per batch inside attempts and between them.
+    fn per_batch(&self) -> (f64, f64) {
+        let n = self.batches.max(1) as f64;
+        (self.inside_ms as f64 / n, self.between_ms as f64 / n)
+    }
 }
 
 /// Batches per window of [`Drain::head_and_tail`].
@@ -233,14 +258,13 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
     let (head_split, tail_split) = if log.len() > 2 * WINDOW + 1 {
         let tail_start = log.len() - WINDOW;
         (
-            split(&log[0], &log[1..=WINDOW]),
-            split(&log[tail_start - 1], &log[tail_start..]),
+            Split::of(&log[0], &log[1..=WINDOW]),
+            Split::of(&log[tail_start - 1], &log[tail_start..]),
         )
     } else {
-        ((0.0, 0.0), (0.0, 0.0))
+        (Split::default(), Split::default())
     };
-    let whole = split(first, &log[1..]);
-    let whole_split = (whole.0, whole.1, log.len() - 1);
+    let whole_split = Split::of(first, &log[1..]);
     let cycles = log
         .windows(2)
         .map(|w| w[1].started_at_ms + w[1].duration_ms - w[0].started_at_ms - w[0].duration_ms)
@@ -265,16 +289,6 @@ async fn settle(queue: &Queue) -> Result<()> {
     let synced = tokio::process::Command::new("sync").status().await?;
     anyhow::ensure!(synced.success(), "sync failed: {synced}");
     Ok(())
-}
-
-/// The mean ms per batch in attempts and between them over several drains' whole
-/// splits, each drain weighted by its batches.
-fn weighted_split(splits: &[(f64, f64, usize)]) -> (f64, f64) {
-    let batches: usize = splits.iter().map(|s| s.2).sum();
-    let sum = |f: fn(&(f64, f64, usize)) -> f64| {
-        splits.iter().map(|s| f(s) * s.2 as f64).sum::<f64>() / batches.max(1) as f64
-    };
-    (sum(|s| s.0), sum(|s| s.1))
 }
 
 /// The mean of the middle 80% of `values` (sorted in place): the fastest and the
@@ -306,13 +320,13 @@ async fn main() -> Result<()> {
     // speed over the run weighs on both sides alike.
     let mut smalls = Vec::new();
     let mut small_cycles = Vec::new();
-    let mut small_splits = Vec::new();
+    let mut small_split = Split::default();
     let mut small_drain = async |run: usize| -> Result<()> {
         eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of {SMALL_RUNS}…");
         let drained = drain(&bench, SMALL_BACKLOG, &format!("drain-small-{run}")).await?;
         smalls.push(drained.rate);
         small_cycles.extend(drained.cycles);
-        small_splits.push(drained.whole_split);
+        small_split = small_split.add(drained.whole_split);
         Ok(())
     };
     for run in 1..=SMALL_RUNS.div_ceil(2) {
@@ -360,8 +374,8 @@ async fn main() -> Result<()> {
     );
     // Where a large backlog's extra time per batch goes: into the attempts (encoder,
     // transport, Client System) or between them (syncd's work on the queue).
-    let small_split = weighted_split(&small_splits);
-    let big_split = big_drain.whole_split;
+    let small_split = small_split.per_batch();
+    let big_split = big_drain.whole_split.per_batch();
     println!(
         "{:<44} {:>14}",
         "  ms per batch in attempt, small / large",
@@ -374,8 +388,8 @@ async fn main() -> Result<()> {
     );
     if let Some((head, tail)) = big_drain.head_and_tail {
         for (label, (inside, between)) in [
-            ("first", big_drain.head_split),
-            ("last", big_drain.tail_split),
+            ("first", big_drain.head_split.per_batch()),
+            ("last", big_drain.tail_split.per_batch()),
         ] {
             println!(
                 "{:<44} {:>14}",
