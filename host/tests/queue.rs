@@ -490,6 +490,101 @@ async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Bac
 }
 on_both_backends!(readings_read_ahead_are_recorded_only_while_still_the_next);
 
+/// Values a meter may send and values it should not but could: every one comes back
+/// from the queue with the same bits (SQLite hands most over as whole millionths, the
+/// rest as REALs), and so do strings that JSON must escape and attributes.
+async fn readings_come_back_from_the_queue_exactly(backend: Backend, test: &str) {
+    let values = [
+        0.0,
+        1.5,
+        -2.25,
+        0.1,
+        0.1 + 0.2,
+        1e-7,
+        123.456_789_1,
+        -0.000_001,
+        8_999_999_999.999_999,
+        9.0e9 + 0.5,
+        -9.0e9,
+        1e15 + 0.25,
+        4_503_599_627_370_497.0,
+        1e300,
+        -1e-300,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        5e-324,
+        f64::EPSILON,
+        1234.5678,
+    ];
+    let written: Vec<syncd::reading::NewReading> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &value)| syncd::reading::NewReading {
+            meter_id: format!("m\"{i}\\\u{1}\u{e9}\u{1F600}"),
+            channel: "ch\n\t".into(),
+            timestamp_ms: -1_000 + i64::MAX / 32 * i as i64,
+            value,
+            unit: "m\u{b3}".into(),
+            quality: String::new(),
+            attributes: if i % 2 == 0 {
+                vec![
+                    ("k\"ey".into(), format!("v{i}")),
+                    ("n".into(), String::new()),
+                ]
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&written).await.unwrap();
+    let same = |read: &[syncd::queue::QueuedReading], from: usize| {
+        assert!(!read.is_empty());
+        for (k, r) in read.iter().enumerate() {
+            let w = &written[from + k];
+            assert_eq!(
+                r.reading.value.to_bits(),
+                w.value.to_bits(),
+                "value {:e} came back as {:e}",
+                w.value,
+                r.reading.value
+            );
+            assert_eq!(
+                (
+                    &r.reading.meter_id,
+                    &r.reading.channel,
+                    r.reading.timestamp_ms,
+                    &r.reading.unit,
+                    &r.reading.quality
+                ),
+                (&w.meter_id, &w.channel, w.timestamp_ms, &w.unit, &w.quality)
+            );
+            let mut attributes = r.reading.attributes.clone();
+            attributes.sort();
+            let mut expected = w.attributes.clone();
+            expected.sort();
+            assert_eq!(attributes, expected);
+        }
+    };
+    // A new batch (in a transaction), a read-ahead, and a recorded batch read again.
+    let (batch, rows) = queue.new_batch("meterit", 7).await.unwrap().unwrap();
+    same(&rows, 0);
+    let ahead = queue
+        .readings_after(batch.last_reading_id, 100)
+        .await
+        .unwrap();
+    assert_eq!(ahead.len(), values.len() - 7);
+    same(&ahead, 7);
+    same(&queue.batch_readings(&batch).await.unwrap(), 0);
+    let ids: Vec<i64> = rows.iter().chain(&ahead).map(|r| r.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in queue order: {ids:?}"
+    );
+}
+on_both_backends!(readings_come_back_from_the_queue_exactly);
+
 /// Writes `n` attempts logged at `started_at_ms` into the site's `sync_log` with plain
 /// SQL.
 async fn log_attempts(site: &Site, n: u64, started_at_ms: i64) {

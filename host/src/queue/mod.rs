@@ -17,6 +17,7 @@
 //! and "batched through id N" never passes a reading still to commit.
 
 pub mod entities;
+mod packed;
 
 use std::path::Path;
 use std::time::Duration;
@@ -559,6 +560,13 @@ impl Queue {
 
     /// The readings of a recorded batch, in queue order.
     pub async fn batch_readings(&self, batch: &Batch) -> Result<Vec<QueuedReading>> {
+        if !self.is_postgres() {
+            let range = packed::Range::Between {
+                first: batch.first_reading_id,
+                last: batch.last_reading_id,
+            };
+            return packed::read(&self.db, range).await;
+        }
         let rows = reading::Entity::find()
             .filter(reading::Column::Id.between(batch.first_reading_id, batch.last_reading_id))
             .order_by_asc(reading::Column::Id)
@@ -1178,6 +1186,13 @@ async fn select_after(
     after: i64,
     size: u32,
 ) -> Result<Vec<QueuedReading>> {
+    if db.get_database_backend() == DbBackend::Sqlite {
+        let range = packed::Range::After {
+            id: after,
+            limit: size,
+        };
+        return packed::read(db, range).await;
+    }
     let rows = reading::Entity::find()
         .filter(reading::Column::Id.gt(after))
         .order_by_asc(reading::Column::Id)

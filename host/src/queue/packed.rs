@@ -1,0 +1,120 @@
+//! Reading a batch's readings out of SQLite as one result row.
+//!
+//! sqlx runs each SQLite connection on a thread of its own and hands every result row
+//! to the async side through a channel, waking the reading task for each one it
+//! finds waiting: a batch of 1000 readings read row by row cost about 240 context
+//! switches, and on a shared two-core machine more time than SQLite's own work (3.9 to
+//! 4.7 ms a batch against 2.6 to 2.7 ms read this way, 1.3 cores busy against one).
+//! Here SQLite packs the whole batch into one JSON array, which crosses once.
+//!
+//! JSON text would round a value to 15 significant digits, so no value goes through
+//! text. A value goes as its whole number of millionths when that number divided by a
+//! million is exactly the stored value, checked in the same statement with the same
+//! IEEE division that turns it back here; any other value (more than six decimals, or
+//! ten digits before the point) follows the array as a REAL in a row of its own. Both
+//! come from one statement, so from one snapshot of the table.
+
+use anyhow::{Context, Result, bail};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use serde::Deserialize;
+
+use super::QueuedReading;
+use crate::reading::{NewReading, attributes_from_json};
+
+/// Millionths: the finest step of a value sent as an integer.
+const SCALE: f64 = 1_000_000.0;
+
+/// Which readings to read, in queue order.
+pub(super) enum Range {
+    /// Up to `limit` readings after this id.
+    After { id: i64, limit: u32 },
+    /// Those from the first id to the last, both included.
+    Between { first: i64, last: i64 },
+}
+
+/// One reading of the array, its fields in the order of the statement's
+/// `json_array`; the value in millionths, or none when it follows as a REAL.
+#[derive(Deserialize)]
+struct Packed(
+    i64,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    String,
+    String,
+    Option<String>,
+);
+
+/// The readings of `range` from a SQLite queue, in id order.
+pub(super) async fn read(db: &impl ConnectionTrait, range: Range) -> Result<Vec<QueuedReading>> {
+    let (condition, values): (&str, Vec<sea_orm::Value>) = match range {
+        Range::After { id, limit } => ("id > ? ORDER BY id LIMIT ?", vec![id.into(), limit.into()]),
+        Range::Between { first, last } => (
+            "id BETWEEN ? AND ? ORDER BY id",
+            vec![first.into(), last.into()],
+        ),
+    };
+    // `abs(value) < 9.0e9` keeps the millionths under 2⁵³, where a double holds every
+    // integer; `micros` is NULL for a value they do not give back exactly (NaN is
+    // stored as NULL by SQLite, and the column is NOT NULL).
+    let sql = format!(
+        "WITH batch AS MATERIALIZED (\
+           SELECT id, meter_id, channel, timestamp_ms, value, unit, quality, attributes, \
+             CASE WHEN abs(value) < 9.0e9 \
+               AND CAST(round(value * {SCALE:.1}) AS INTEGER) / {SCALE:.1} = value \
+             THEN CAST(round(value * {SCALE:.1}) AS INTEGER) END AS micros \
+           FROM readings WHERE {condition}) \
+         SELECT 0, json_group_array(json_array(id, meter_id, channel, timestamp_ms, micros, \
+           unit, quality, attributes) ORDER BY id), NULL FROM batch \
+         UNION ALL SELECT 1, id, value FROM batch WHERE micros IS NULL"
+    );
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            values,
+        ))
+        .await
+        .context("failed to read readings from the queue")?;
+    let mut array = None;
+    let mut exact: Vec<(i64, f64)> = Vec::new();
+    for row in &rows {
+        match row.try_get_by_index::<i64>(0)? {
+            0 => array = Some(row.try_get_by_index::<String>(1)?),
+            _ => exact.push((row.try_get_by_index(1)?, row.try_get_by_index(2)?)),
+        }
+    }
+    let array = array.context("the queue's reading statement returned no array")?;
+    let packed: Vec<Packed> =
+        serde_json::from_str(&array).context("the queue's packed readings do not parse")?;
+    exact.sort_unstable_by_key(|&(id, _)| id);
+    let mut readings = Vec::with_capacity(packed.len());
+    let mut previous = i64::MIN;
+    for Packed(id, meter_id, channel, timestamp_ms, micros, unit, quality, attributes) in packed {
+        if id <= previous {
+            bail!("the queue's packed readings are out of order at id {id}");
+        }
+        previous = id;
+        let value = match micros {
+            Some(micros) => micros as f64 / SCALE,
+            None => match exact.binary_search_by_key(&id, |&(id, _)| id) {
+                Ok(at) => exact[at].1,
+                Err(_) => bail!("the value of reading {id} is missing from the queue's answer"),
+            },
+        };
+        readings.push(QueuedReading {
+            id,
+            reading: NewReading {
+                meter_id,
+                channel,
+                timestamp_ms,
+                value,
+                unit,
+                quality,
+                attributes: attributes_from_json(attributes.as_deref()),
+            },
+        });
+    }
+    Ok(readings)
+}
