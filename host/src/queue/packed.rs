@@ -11,7 +11,7 @@
 //! text. A value goes as its whole number of millionths when that number divided by a
 //! million is exactly the stored value, checked in the same statement with the same
 //! IEEE division that turns it back here; any other value (more than six decimals, or
-//! ten digits before the point) follows the array as a REAL in a row of its own. Both
+//! a magnitude of 9·10⁹ or more) follows the array as a REAL in a row of its own. Both
 //! come from one statement, so from one snapshot of the table.
 
 use anyhow::{Context, Result, bail};
