@@ -514,7 +514,11 @@ impl Queue {
     ) -> Result<Option<(Batch, Vec<QueuedReading>)>> {
         let txn = self.db.begin().await?;
         let progress = batched_through(&txn, client_system).await?;
-        let rows = select_after(&txn, progress, size).await?;
+        let range = Range::After {
+            id: progress,
+            limit: size,
+        };
+        let rows = read_readings(&txn, range).await?;
         let Some(last) = rows.last() else {
             return Ok(None);
         };
@@ -534,7 +538,11 @@ impl Queue {
     /// Readings commit in the order of their ids (see [`Queue::ingest`]), so these stay
     /// the next ones for as long as nothing is batched after `after`.
     pub async fn readings_after(&self, after: i64, size: u32) -> Result<Vec<QueuedReading>> {
-        select_after(&self.db, after, size).await
+        let range = Range::After {
+            id: after,
+            limit: size,
+        };
+        read_readings(&self.db, range).await
     }
 
     /// Records the batch of `rows` read ahead by [`Queue::readings_after`], if the
@@ -560,19 +568,11 @@ impl Queue {
 
     /// The readings of a recorded batch, in queue order.
     pub async fn batch_readings(&self, batch: &Batch) -> Result<Vec<QueuedReading>> {
-        if !self.is_postgres() {
-            let range = packed::Range::Between {
-                first: batch.first_reading_id,
-                last: batch.last_reading_id,
-            };
-            return packed::read(&self.db, range).await;
-        }
-        let rows = reading::Entity::find()
-            .filter(reading::Column::Id.between(batch.first_reading_id, batch.last_reading_id))
-            .order_by_asc(reading::Column::Id)
-            .all(&self.db)
-            .await?;
-        Ok(rows.into_iter().map(into_queued).collect())
+        let range = Range::Between {
+            first: batch.first_reading_id,
+            last: batch.last_reading_id,
+        };
+        read_readings(&self.db, range).await
     }
 
     /// The batch was delivered: forgets it, logs the attempt, and deletes the readings
@@ -1180,26 +1180,28 @@ async fn move_progress(
     Ok(moved.rows_affected == 1)
 }
 
-/// Up to `size` readings after id `after`, in queue order.
-async fn select_after(
-    db: &impl ConnectionTrait,
-    after: i64,
-    size: u32,
-) -> Result<Vec<QueuedReading>> {
+/// Which readings to read, in queue order.
+enum Range {
+    /// Up to `limit` readings after this id.
+    After { id: i64, limit: u32 },
+    /// Those from the first id to the last, both included.
+    Between { first: i64, last: i64 },
+}
+
+/// The readings of `range`, in queue order: on SQLite packed into one result row (see
+/// [`packed`]), on PostgreSQL a row each.
+async fn read_readings(db: &impl ConnectionTrait, range: Range) -> Result<Vec<QueuedReading>> {
     if db.get_database_backend() == DbBackend::Sqlite {
-        let range = packed::Range::After {
-            id: after,
-            limit: size,
-        };
         return packed::read(db, range).await;
     }
-    let rows = reading::Entity::find()
-        .filter(reading::Column::Id.gt(after))
-        .order_by_asc(reading::Column::Id)
-        .limit(u64::from(size))
-        .all(db)
-        .await?;
-    Ok(rows.into_iter().map(into_queued).collect())
+    let query = reading::Entity::find().order_by_asc(reading::Column::Id);
+    let query = match range {
+        Range::After { id, limit } => query
+            .filter(reading::Column::Id.gt(id))
+            .limit(u64::from(limit)),
+        Range::Between { first, last } => query.filter(reading::Column::Id.between(first, last)),
+    };
+    Ok(query.all(db).await?.into_iter().map(into_queued).collect())
 }
 
 async fn insert_readings(txn: &DatabaseTransaction, readings: &[NewReading]) -> Result<()> {

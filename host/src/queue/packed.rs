@@ -14,22 +14,40 @@
 //! a magnitude of 9·10⁹ or more) follows the array as a REAL in a row of its own. Both
 //! come from one statement, so from one snapshot of the table.
 
+use std::sync::LazyLock;
+
 use anyhow::{Context, Result, bail};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::Deserialize;
 
-use super::QueuedReading;
-use crate::reading::{NewReading, attributes_from_json};
+use super::entities::reading;
+use super::{QueuedReading, Range, into_queued};
 
 /// Millionths: the finest step of a value sent as an integer.
 const SCALE: f64 = 1_000_000.0;
 
-/// Which readings to read, in queue order.
-pub(super) enum Range {
-    /// Up to `limit` readings after this id.
-    After { id: i64, limit: u32 },
-    /// Those from the first id to the last, both included.
-    Between { first: i64, last: i64 },
+/// The statement for readings after an id (bound: the id, the limit).
+static AFTER: LazyLock<String> = LazyLock::new(|| statement("id > ? ORDER BY id LIMIT ?"));
+
+/// The statement for readings between two ids (bound: the first, the last).
+static BETWEEN: LazyLock<String> = LazyLock::new(|| statement("id BETWEEN ? AND ? ORDER BY id"));
+
+/// The statement reading the readings that match `condition`. `abs(value) < 9.0e9`
+/// keeps the millionths under 2⁵³, where a double holds every integer; `micros` is
+/// NULL for a value they do not give back exactly (NaN is stored as NULL by SQLite, and
+/// the column is NOT NULL).
+fn statement(condition: &str) -> String {
+    format!(
+        "WITH batch AS MATERIALIZED (\
+           SELECT id, meter_id, channel, timestamp_ms, value, unit, quality, attributes, \
+             CASE WHEN abs(value) < 9.0e9 \
+               AND CAST(round(value * {SCALE:.1}) AS INTEGER) / {SCALE:.1} = value \
+             THEN CAST(round(value * {SCALE:.1}) AS INTEGER) END AS micros \
+           FROM readings WHERE {condition}) \
+         SELECT 0, json_group_array(json_array(id, meter_id, channel, timestamp_ms, micros, \
+           unit, quality, attributes) ORDER BY id), NULL FROM batch \
+         UNION ALL SELECT 1, id, value FROM batch WHERE micros IS NULL"
+    )
 }
 
 /// One reading of the array, its fields in the order of the statement's
@@ -48,27 +66,10 @@ struct Packed(
 
 /// The readings of `range` from a SQLite queue, in id order.
 pub(super) async fn read(db: &impl ConnectionTrait, range: Range) -> Result<Vec<QueuedReading>> {
-    let (condition, values): (&str, Vec<sea_orm::Value>) = match range {
-        Range::After { id, limit } => ("id > ? ORDER BY id LIMIT ?", vec![id.into(), limit.into()]),
-        Range::Between { first, last } => (
-            "id BETWEEN ? AND ? ORDER BY id",
-            vec![first.into(), last.into()],
-        ),
+    let (sql, values): (&str, Vec<sea_orm::Value>) = match range {
+        Range::After { id, limit } => (&AFTER, vec![id.into(), limit.into()]),
+        Range::Between { first, last } => (&BETWEEN, vec![first.into(), last.into()]),
     };
-    // `abs(value) < 9.0e9` keeps the millionths under 2⁵³, where a double holds every
-    // integer; `micros` is NULL for a value they do not give back exactly (NaN is
-    // stored as NULL by SQLite, and the column is NOT NULL).
-    let sql = format!(
-        "WITH batch AS MATERIALIZED (\
-           SELECT id, meter_id, channel, timestamp_ms, value, unit, quality, attributes, \
-             CASE WHEN abs(value) < 9.0e9 \
-               AND CAST(round(value * {SCALE:.1}) AS INTEGER) / {SCALE:.1} = value \
-             THEN CAST(round(value * {SCALE:.1}) AS INTEGER) END AS micros \
-           FROM readings WHERE {condition}) \
-         SELECT 0, json_group_array(json_array(id, meter_id, channel, timestamp_ms, micros, \
-           unit, quality, attributes) ORDER BY id), NULL FROM batch \
-         UNION ALL SELECT 1, id, value FROM batch WHERE micros IS NULL"
-    );
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Sqlite,
@@ -103,18 +104,16 @@ pub(super) async fn read(db: &impl ConnectionTrait, range: Range) -> Result<Vec<
                 Err(_) => bail!("the value of reading {id} is missing from the queue's answer"),
             },
         };
-        readings.push(QueuedReading {
+        readings.push(into_queued(reading::Model {
             id,
-            reading: NewReading {
-                meter_id,
-                channel,
-                timestamp_ms,
-                value,
-                unit,
-                quality,
-                attributes: attributes_from_json(attributes.as_deref()),
-            },
-        });
+            meter_id,
+            channel,
+            timestamp_ms,
+            value,
+            unit,
+            quality,
+            attributes,
+        }));
     }
     Ok(readings)
 }
