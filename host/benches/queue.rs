@@ -155,7 +155,8 @@ impl Drain {
 }
 
 /// The ms of some batches spent inside their attempts (encode + upload, the Client
-/// System included) and between attempts (syncd's database work).
+/// System included, with the next full batch read ahead alongside) and between
+/// attempts (syncd's other database work: acknowledging, claiming, recording).
 #[derive(Clone, Copy, Default)]
 struct Split {
     inside_ms: i64,
