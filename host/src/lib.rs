@@ -17,6 +17,7 @@ pub mod queue;
 pub mod reading;
 pub mod supervisor;
 pub mod sync;
+pub mod watch;
 
 /// The most of a message an error shows: errors quote what they refuse, and what they
 /// refuse can be megabytes long.

@@ -28,6 +28,7 @@ use crate::plugin::cache::sha256_hex;
 use crate::plugin::{EncoderPlugin, PluginContext, PluginEngine, TransportPlugin};
 use crate::queue::Queue;
 use crate::sync::{Control, SharedStatus, Worker, WorkerSettings};
+use crate::watch::FileWatcher;
 
 /// How long files must be quiet after a change before it is reloaded: an editor or a
 /// deploy script often writes a file in several steps.
@@ -644,83 +645,6 @@ async fn join_within(tasks: Vec<JoinHandle<()>>, grace: Duration) {
         warn!(
             "workers did not stop within {grace:?}; batches in flight will be re-sent after restart"
         );
-    }
-}
-
-/// Watches files for changes and says so, debounced, on a channel.
-pub struct FileWatcher {
-    watcher: Option<notify::RecommendedWatcher>,
-    files: Arc<std::sync::RwLock<BTreeSet<PathBuf>>>,
-    folders: BTreeSet<PathBuf>,
-}
-
-impl FileWatcher {
-    /// A watcher sending `()` on `changed` whenever a watched file changes. If the
-    /// system cannot watch files, it logs why and watches nothing (reloads are still
-    /// possible by SIGHUP, `syncd reload` or `POST /v1/reload`).
-    pub fn new(changed: mpsc::UnboundedSender<()>) -> Self {
-        let files: Arc<std::sync::RwLock<BTreeSet<PathBuf>>> = Arc::default();
-        let interesting = Arc::clone(&files);
-        let handler = move |result: notify::Result<notify::Event>| {
-            let Ok(event) = result else {
-                return;
-            };
-            if event.kind.is_access() {
-                return;
-            }
-            let files = interesting
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if event.paths.iter().any(|p| files.contains(p)) {
-                let _ = changed.send(());
-            }
-        };
-        let watcher = match notify::recommended_watcher(handler) {
-            Ok(watcher) => Some(watcher),
-            Err(error) => {
-                warn!("cannot watch files, reload by SIGHUP or `syncd reload`: {error}");
-                None
-            }
-        };
-        Self {
-            watcher,
-            files,
-            folders: BTreeSet::new(),
-        }
-    }
-
-    /// Watches `files` (their folders, so that a file replaced by a rename is seen).
-    pub fn watch(&mut self, files: &[PathBuf]) {
-        use notify::Watcher as _;
-        let Some(watcher) = self.watcher.as_mut() else {
-            return;
-        };
-        let mut wanted = BTreeSet::new();
-        for file in files {
-            let (Some(folder), Some(name)) = (file.parent(), file.file_name()) else {
-                continue;
-            };
-            let folder = if folder.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                folder
-            };
-            let Ok(folder) = folder.canonicalize() else {
-                warn!("cannot watch {}: its folder is missing", file.display());
-                continue;
-            };
-            wanted.insert(folder.join(name));
-            if self.folders.insert(folder.clone())
-                && let Err(error) = watcher.watch(&folder, notify::RecursiveMode::NonRecursive)
-            {
-                warn!("cannot watch {}: {error}", folder.display());
-                self.folders.remove(&folder);
-            }
-        }
-        *self
-            .files
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = wanted;
     }
 }
 
