@@ -1111,8 +1111,16 @@ fn sqlite_options(path: std::path::PathBuf, durability: Durability) -> ConnectOp
             .busy_timeout(SQLITE_BUSY_TIMEOUT)
             .pragma("wal_autocheckpoint", SQLITE_AUTOCHECKPOINT.to_string())
     });
+    // The pool pings a connection each time it hands it out, by default: for SQLite a
+    // round trip to the connection's thread before every statement or transaction,
+    // four a batch delivered. A connection in use is alive; one idle for a while is
+    // still checked.
+    options.test_before_acquire_if_idle_for(SQLITE_PING_IDLE);
     options
 }
+
+/// How long a SQLite connection must have been idle to be checked before it is used.
+const SQLITE_PING_IDLE: Duration = Duration::from_secs(30);
 
 /// Connects and brings the schema up to date. Two processes opening a new database at
 /// the same moment (the daemon and `syncd enqueue`, say) race: on SQLite, switching a
