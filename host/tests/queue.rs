@@ -490,6 +490,86 @@ async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Bac
 }
 on_both_backends!(readings_read_ahead_are_recorded_only_while_still_the_next);
 
+/// An acknowledgement forgets its batch, logs the attempt as it was, and deletes the
+/// readings no batch still covers, saying how many: none while an earlier batch is out.
+async fn an_acknowledgement_forgets_logs_and_prunes(backend: Backend, test: &str) {
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(10)).await.unwrap();
+    let (first, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    let (second, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    let attempt = |batch: &syncd::queue::Batch, error: Option<&str>| syncd::queue::Attempt {
+        client_system: "meterit".into(),
+        batch_id: batch.id.clone(),
+        attempt: 2,
+        started_at_ms: 1_795_305_600_123,
+        duration_ms: 17,
+        reading_count: batch.reading_count,
+        outcome: "accepted",
+        error: error.map(str::to_owned),
+    };
+
+    let pruned = queue
+        .acknowledge(&second, attempt(&second, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned, 0,
+        "the first batch still covers the oldest readings"
+    );
+    let pruned = queue
+        .acknowledge(&first, attempt(&first, Some("slow, but \"accepted\"")))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 8, "both batches' readings go once neither is out");
+    assert_eq!(queue.reading_count().await.unwrap(), 2);
+    assert!(queue.pending_batch("meterit").await.unwrap().is_none());
+
+    let log = queue.sync_log_since(0).await.unwrap();
+    let logged: Vec<_> = log
+        .iter()
+        .map(|r| {
+            (
+                r.client_system.as_str(),
+                r.batch_id.as_deref(),
+                r.attempt,
+                r.started_at_ms,
+                r.duration_ms,
+                r.reading_count,
+                r.outcome.as_str(),
+                r.error.as_deref(),
+            )
+        })
+        .collect();
+    let at = 1_795_305_600_123;
+    assert_eq!(
+        logged,
+        [
+            (
+                "meterit",
+                Some(second.id.as_str()),
+                2,
+                at,
+                17,
+                4,
+                "accepted",
+                None
+            ),
+            (
+                "meterit",
+                Some(first.id.as_str()),
+                2,
+                at,
+                17,
+                4,
+                "accepted",
+                Some("slow, but \"accepted\"")
+            ),
+        ]
+    );
+}
+on_both_backends!(an_acknowledgement_forgets_logs_and_prunes);
+
 /// Values a meter may send and values it should not but could: every one comes back
 /// from the queue with the same bits (SQLite hands most over as whole millionths, the
 /// rest as REALs), and so do strings that JSON must escape and attributes.

@@ -20,6 +20,7 @@ pub mod entities;
 mod packed;
 
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -579,11 +580,15 @@ impl Queue {
     /// that no Client System in `client_systems` (the configured ones) still needs.
     pub async fn acknowledge(&self, batch: &Batch, attempt: Attempt) -> Result<u64> {
         let txn = self.db.begin().await?;
-        batch::Entity::delete_by_id(batch.id.clone())
-            .exec(&txn)
-            .await?;
-        log_attempt(&txn, attempt).await?;
-        let pruned = prune(&txn).await?;
+        let pruned = if self.is_postgres() {
+            batch::Entity::delete_by_id(batch.id.clone())
+                .exec(&txn)
+                .await?;
+            log_attempt(&txn, attempt).await?;
+            prune(&txn).await?
+        } else {
+            acknowledge_on_sqlite(&txn, &batch.id, attempt).await?
+        };
         txn.commit().await?;
         Ok(pruned)
     }
@@ -1338,14 +1343,61 @@ async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
     let deleted = txn
         .execute_raw(Statement::from_string(
             txn.get_database_backend(),
-            "DELETE FROM readings \
-             WHERE id <= (SELECT MIN(batched_through) FROM client_systems) \
-               AND id < COALESCE((SELECT MIN(first_reading_id) FROM batches), id + 1) \
-               AND id < COALESCE((SELECT MIN(first_reading_id) FROM dead_letters), id + 1)",
+            PRUNE_SQL,
         ))
         .await
         .context("failed to prune readings")?;
     Ok(deleted.rows_affected())
+}
+
+/// Deletes the readings no Client System still needs (see [`prune`]).
+const PRUNE_SQL: &str = "DELETE FROM readings \
+     WHERE id <= (SELECT MIN(batched_through) FROM client_systems) \
+       AND id < COALESCE((SELECT MIN(first_reading_id) FROM batches), id + 1) \
+       AND id < COALESCE((SELECT MIN(first_reading_id) FROM dead_letters), id + 1)";
+
+/// The acknowledgement's statements on SQLite — the batch forgotten, the attempt
+/// logged, the readings pruned — sent as one query: sqlx runs them in order, binding
+/// the values across them, in one round trip to the connection's thread instead of
+/// three. The last one answers how many readings the prune deleted.
+async fn acknowledge_on_sqlite(
+    txn: &DatabaseTransaction,
+    batch_id: &str,
+    a: Attempt,
+) -> Result<u64> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "DELETE FROM batches WHERE id = ?; \
+             INSERT INTO sync_log (client_system, batch_id, attempt, started_at_ms, \
+               duration_ms, reading_count, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?); \
+             {PRUNE_SQL}; \
+             SELECT changes()"
+        )
+    });
+    let values: [sea_orm::Value; 9] = [
+        batch_id.into(),
+        a.client_system.into(),
+        Some(a.batch_id).into(),
+        a.attempt.into(),
+        a.started_at_ms.into(),
+        a.duration_ms.into(),
+        a.reading_count.into(),
+        a.outcome.into(),
+        a.error.into(),
+    ];
+    let rows = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            SQL.as_str(),
+            values,
+        ))
+        .await
+        .context("failed to acknowledge the batch")?;
+    let pruned: i64 = rows
+        .first()
+        .context("the acknowledgement did not say what it pruned")?
+        .try_get_by_index(0)?;
+    Ok(pruned as u64)
 }
 
 async fn max_reading_id(txn: &impl ConnectionTrait) -> Result<i64> {
