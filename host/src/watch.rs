@@ -5,8 +5,10 @@
 //! `sync.toml` usually also holds the SQLite queue, which is written many times per
 //! batch: on Linux the kernel is asked only for the events that finish a change (a
 //! file closed after writing, moved in or out, created, deleted), so the queue's
-//! writes, which keep their files open, wake nothing. A change is reported once its
-//! writer closes the file, never while it is half written. Elsewhere the `notify`
+//! writes, which keep their files open, wake nothing. A file written in place is
+//! reported once its writer closes it, not at each write (a new file is also reported
+//! when it is created: a slow copy can then be read before it is whole, refused, and
+//! reloaded again when it is closed). Elsewhere the `notify`
 //! crate's watcher is used, which reports every event and lets this module filter.
 
 use std::collections::BTreeSet;
