@@ -333,6 +333,21 @@ mod tests {
         assert!(reported(&mut changes, Duration::from_secs(5)).await);
     }
 
+    /// The thread reading the events ends with the watcher: its end of the channel,
+    /// the only sender left, then closes.
+    #[tokio::test]
+    async fn a_dropped_watcher_stops_reading_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("sync.toml");
+        std::fs::write(&config, "").unwrap();
+        let (changed, mut changes) = mpsc::unbounded_channel();
+        let mut watcher = FileWatcher::new(changed);
+        watcher.watch(std::slice::from_ref(&config));
+        drop(watcher);
+        let closed = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        assert_eq!(closed, Ok(None), "the watcher's thread outlived it");
+    }
+
     #[tokio::test]
     async fn a_file_of_no_interest_in_the_folder_is_not_reported() {
         let dir = tempfile::tempdir().unwrap();
