@@ -4,7 +4,10 @@
 //! pending batch if there is one (when it is due, or at once when triggered), else
 //! records a new batch of up to `batch_size` readings, until nothing is left to send.
 //! Every attempt is logged to `sync_log` in the same transaction that records its
-//! effect on the batch. Every `heartbeat`, the worker sends the Client System a
+//! effect on the batch. Through a backlog the queue's work overlaps the delivery: the
+//! next batch's readings are read while a full batch is sent, and the acknowledgement
+//! of an accepted batch is written while the next one is sent (recorded first, so
+//! that on SQLite's one connection it is not queued behind the acknowledgement). Every `heartbeat`, the worker sends the Client System a
 //! heartbeat through the transport, with the readings queued for it, its last success
 //! and the daemon's version. On start and every `config_refresh` it downloads the
 //! Client System's remote configuration, applies it between batches, and keeps the
@@ -369,6 +372,11 @@ pub struct Worker {
     next_config_fetch_ms: i64,
     /// The next batch's readings, read while the last full batch was being delivered.
     read_ahead: Option<ReadAhead>,
+    /// The last batch delivered, until its acknowledgement is written: after the next
+    /// batch is recorded, so that it is written while that one is delivered.
+    delivered: Option<Delivered>,
+    /// That acknowledgement, while it is being written.
+    acknowledging: Option<Acknowledging>,
     /// What it publishes about itself.
     status: SharedStatus,
     /// What it shares with the other processes of a shared queue.
@@ -394,6 +402,22 @@ pub const SHARED_STATE_CHECK: Duration = Duration::from_secs(2);
 struct ReadAhead {
     after: i64,
     rows: Vec<QueuedReading>,
+}
+
+/// A batch the Client System accepted, whose acknowledgement is not written yet.
+struct Delivered {
+    batch: Batch,
+    attempt: Attempt,
+    /// Since its attempt started.
+    clock: Instant,
+}
+
+/// An acknowledgement being written while the next batch is delivered.
+struct Acknowledging {
+    batch_id: String,
+    reading_count: i32,
+    clock: Instant,
+    task: tokio::task::JoinHandle<Result<u64>>,
 }
 
 /// Why a wait ended.
@@ -483,6 +507,8 @@ impl Worker {
             next_heartbeat_ms: now,
             next_config_fetch_ms: now,
             read_ahead: None,
+            delivered: None,
+            acknowledging: None,
             status: Arc::new(std::sync::RwLock::new(status)),
             shared: Shared {
                 next_check_ms: now,
@@ -995,8 +1021,15 @@ impl Worker {
     }
 
     /// Sends batches until none is left, or the pending one is waiting for its retry
-    /// time and `shutdown` comes first.
+    /// time and `shutdown` comes first. Every batch delivered is acknowledged by the
+    /// time it returns.
     async fn drain(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+        let drained = self.send_batches(shutdown).await;
+        let acknowledged = self.acknowledge_delivered().await;
+        drained.and(acknowledged)
+    }
+
+    async fn send_batches(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -1016,6 +1049,10 @@ impl Worker {
                     debug!("offline: no batch attempted");
                     return Ok(());
                 }
+            }
+            if let Some((batch, readings)) = self.record_next_then_acknowledge().await? {
+                self.attempt(batch, readings).await?;
+                continue;
             }
             if let Some(batch) = self.queue.claim_batch(&self.name).await? {
                 self.read_ahead = None;
@@ -1044,6 +1081,122 @@ impl Worker {
         }
     }
 
+    /// After a batch was delivered, records the next one from the readings read ahead
+    /// (when they are still the next ones and a full batch at the current size, and no
+    /// other batch is to be claimed first), then starts writing the acknowledgement of
+    /// the one delivered, which goes on while the next is delivered: the queue's work
+    /// and the delivery overlap. The acknowledgement is written now, and no batch
+    /// recorded, when there is no such next batch.
+    async fn record_next_then_acknowledge(
+        &mut self,
+    ) -> Result<Option<(Batch, Vec<QueuedReading>)>> {
+        let Some(delivered) = self.delivered.take() else {
+            return Ok(None);
+        };
+        let recorded = match self.read_ahead.take() {
+            Some(ahead) if ahead.rows.len() == self.policy.batch_size as usize => {
+                let recorded = self
+                    .queue
+                    .record_read_ahead(
+                        &self.name,
+                        ahead.after,
+                        &ahead.rows,
+                        Some(&delivered.batch.id),
+                    )
+                    .await;
+                match recorded {
+                    Ok(Some(batch)) => Some((batch, ahead.rows)),
+                    Ok(None) => {
+                        self.read_ahead = Some(ahead);
+                        None
+                    }
+                    Err(error) => {
+                        // Written by `drain` on the way out, if the database lets it.
+                        self.delivered = Some(delivered);
+                        return Err(error);
+                    }
+                }
+            }
+            ahead => {
+                self.read_ahead = ahead;
+                None
+            }
+        };
+        let Some(next) = recorded else {
+            self.write_acknowledgement(delivered).await?;
+            return Ok(None);
+        };
+        let Delivered {
+            batch,
+            attempt,
+            clock,
+        } = delivered;
+        let queue = self.queue.clone();
+        let batch_id = batch.id.clone();
+        let reading_count = batch.reading_count;
+        let task = tokio::spawn(async move { queue.acknowledge(&batch, attempt).await });
+        self.acknowledging = Some(Acknowledging {
+            batch_id,
+            reading_count,
+            clock,
+            task,
+        });
+        Ok(Some(next))
+    }
+
+    /// Writes the acknowledgement of the batch delivered last, or waits for the one
+    /// being written.
+    async fn acknowledge_delivered(&mut self) -> Result<()> {
+        self.acknowledged_meanwhile().await?;
+        match self.delivered.take() {
+            Some(delivered) => self.write_acknowledgement(delivered).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the acknowledgement written while the batch after it was delivered.
+    async fn acknowledged_meanwhile(&mut self) -> Result<()> {
+        let Some(acknowledging) = self.acknowledging.take() else {
+            return Ok(());
+        };
+        let pruned = acknowledging
+            .task
+            .await
+            .map_err(|error| anyhow::anyhow!("the acknowledgement's task failed: {error}"))??;
+        self.acknowledged(
+            &acknowledging.batch_id,
+            acknowledging.reading_count,
+            pruned,
+            acknowledging.clock,
+        );
+        Ok(())
+    }
+
+    async fn write_acknowledgement(&mut self, delivered: Delivered) -> Result<()> {
+        let Delivered {
+            batch,
+            attempt,
+            clock,
+        } = delivered;
+        let pruned = self.queue.acknowledge(&batch, attempt).await?;
+        self.acknowledged(&batch.id, batch.reading_count, pruned, clock);
+        Ok(())
+    }
+
+    fn acknowledged(&self, batch_id: &str, readings: i32, pruned: u64, clock: Instant) {
+        self.publish(|s| {
+            s.metrics.batches_delivered += 1;
+            s.metrics.readings_delivered += readings as u64;
+        });
+        info!(
+            batch_id,
+            readings,
+            pruned,
+            ms = clock.elapsed().as_millis() as u64,
+            "batch delivered"
+        );
+    }
+
     /// Records the next batch: the readings read ahead when they are still the next
     /// ones and a full batch at the current size, else readings read now.
     async fn new_batch(&mut self) -> Result<Option<(Batch, Vec<QueuedReading>)>> {
@@ -1051,7 +1204,7 @@ impl Worker {
             && rows.len() == self.policy.batch_size as usize
             && let Some(batch) = self
                 .queue
-                .record_read_ahead(&self.name, after, &rows)
+                .record_read_ahead(&self.name, after, &rows, None)
                 .await?
         {
             return Ok(Some((batch, rows)));
@@ -1136,20 +1289,19 @@ impl Worker {
                 }
             }
         });
+        // The batch before, acknowledged meanwhile. Should that have failed, this one's
+        // outcome is not written either: both are sent again after the pause for
+        // the database, and the Client System drops what it already has.
+        self.acknowledged_meanwhile().await?;
         let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
         match verdict {
+            // Written once the next batch is recorded, or when the drain ends.
             Verdict::Accepted => {
-                let pruned = self.queue.acknowledge(&batch, attempt).await?;
-                self.publish(|s| {
-                    s.metrics.batches_delivered += 1;
-                    s.metrics.readings_delivered += batch.reading_count as u64;
-                });
-                info!(
-                    readings = batch.reading_count,
-                    pruned,
-                    ms = clock.elapsed().as_millis() as u64,
-                    "batch delivered"
-                );
+                self.delivered = Some(Delivered {
+                    batch,
+                    attempt,
+                    clock,
+                })
             }
             Verdict::Rejected(reason) => {
                 warn!(%reason, "batch rejected: moved to dead letters");

@@ -467,7 +467,7 @@ async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Bac
     let expected: Vec<i64> = (1..=4).map(|k| first.last_reading_id + k).collect();
     assert_eq!(ids, expected);
     let second = queue
-        .record_read_ahead("meterit", first.last_reading_id, &ahead)
+        .record_read_ahead("meterit", first.last_reading_id, &ahead, None)
         .await
         .unwrap()
         .expect("still the next readings: recorded");
@@ -479,7 +479,7 @@ async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Bac
     // Once batched past, the same read-ahead is refused and nothing is recorded twice.
     assert!(
         queue
-            .record_read_ahead("meterit", first.last_reading_id, &ahead)
+            .record_read_ahead("meterit", first.last_reading_id, &ahead, None)
             .await
             .unwrap()
             .is_none()
@@ -489,6 +489,74 @@ async fn readings_read_ahead_are_recorded_only_while_still_the_next(backend: Bac
     assert_eq!(rest.len(), 2);
 }
 on_both_backends!(readings_read_ahead_are_recorded_only_while_still_the_next);
+
+/// While the batch just delivered waits for its acknowledgement, the next one is
+/// recorded from the readings read ahead only when no other batch is to be claimed
+/// first: a batch waiting for its retry goes before new ones.
+async fn a_read_ahead_waits_behind_a_batch_to_claim(backend: Backend, test: &str) {
+    let site = Site::build(backend, test, "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(12)).await.unwrap();
+    let (waiting, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    let (delivered, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    let attempt = |batch: &syncd::queue::Batch, outcome| syncd::queue::Attempt {
+        client_system: "meterit".into(),
+        batch_id: batch.id.clone(),
+        attempt: 1,
+        started_at_ms: syncd::clock::now_ms(),
+        duration_ms: 5,
+        reading_count: batch.reading_count,
+        outcome,
+        error: None,
+    };
+    let retry_at = syncd::clock::now_ms() + 60_000;
+    queue
+        .schedule_retry(&waiting, attempt(&waiting, "retry"), 1, retry_at)
+        .await
+        .unwrap();
+    let ahead = queue
+        .readings_after(delivered.last_reading_id, 4)
+        .await
+        .unwrap();
+    assert_eq!(ahead.len(), 4);
+
+    let refused = queue
+        .record_read_ahead(
+            "meterit",
+            delivered.last_reading_id,
+            &ahead,
+            Some(&delivered.id),
+        )
+        .await
+        .unwrap();
+    assert!(
+        refused.is_none(),
+        "recorded past a batch waiting for its retry: {refused:?}"
+    );
+    let claimed = queue.claim_batch("meterit").await.unwrap().unwrap();
+    assert_eq!(claimed.id, waiting.id, "the batch a claim takes first");
+
+    // Once the waiting batch is gone, only the delivered one is left: not in the way.
+    queue
+        .dead_letter(&waiting, attempt(&waiting, "rejected"), "refused")
+        .await
+        .unwrap();
+    let next = queue
+        .record_read_ahead(
+            "meterit",
+            delivered.last_reading_id,
+            &ahead,
+            Some(&delivered.id),
+        )
+        .await
+        .unwrap()
+        .expect("nothing else to claim: recorded");
+    assert_eq!(
+        (next.first_reading_id, next.last_reading_id),
+        (ahead[0].id, ahead[3].id)
+    );
+}
+on_both_backends!(a_read_ahead_waits_behind_a_batch_to_claim);
 
 /// An acknowledgement forgets its batch, logs the attempt as it was, and deletes the
 /// readings no batch still covers, saying how many: none while an earlier batch is out.

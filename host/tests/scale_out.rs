@@ -430,6 +430,61 @@ async fn a_batch_is_taken_over_only_after_its_lease() {
     assert_eq!(one.reading_count().await.unwrap(), 0);
 }
 
+/// A batch a dead process left behind goes as soon as its lease runs out, even while
+/// another process is in the middle of a backlog: before the rest of the backlog's
+/// batches, not after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_left_behind_goes_before_the_rest_of_a_backlog() {
+    let site = Site::build(
+        Backend::Postgres,
+        "left_behind",
+        "batch_lease = \"1s\"",
+        &[("meterit", "batch_size = 100")],
+    )
+    .await;
+    let mut config = site.config.clone();
+    config.database.process_name = Some("dead".into());
+    let dead = syncd::queue::Queue::open_for(&config).await.unwrap();
+    let all = common::readings(3100);
+    dead.enqueue(&all[..100]).await.unwrap();
+    let (left, _) = dead.new_batch("meterit", 100).await.unwrap().unwrap();
+    dead.enqueue(&all[100..]).await.unwrap();
+    // Each upload stored at once and answered 100 ms later: the backlog's 30 batches
+    // take at least 3 s, the lease of the batch left behind runs out after 1 s.
+    site.client()
+        .inject_faults((0..40).map(|_| client_system::Fault {
+            store: true,
+            delay_ms: Some(100),
+            ..client_system::Fault::default()
+        }));
+
+    let daemon = site.start();
+    eventually(Duration::from_secs(60), "every batch stored", || async {
+        site.client().stored_batches().await.unwrap().len() == 31
+    })
+    .await;
+    daemon.stop().await;
+    let order: Vec<String> = site
+        .client()
+        .stored_batches()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.batch_id)
+        .collect();
+    let at = order
+        .iter()
+        .position(|id| *id == left.id)
+        .expect("the batch left behind was stored");
+    assert!(
+        at < 20,
+        "the batch left behind was stored {}th of {}: behind the backlog",
+        at + 1,
+        order.len()
+    );
+    common::assert_each_once(site.client(), 3100).await;
+}
+
 /// A `sync_log` row for an attempt at `batch`.
 fn attempt(batch: &syncd::queue::Batch, outcome: &'static str) -> syncd::queue::Attempt {
     syncd::queue::Attempt {

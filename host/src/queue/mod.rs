@@ -24,11 +24,11 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, Statement, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database,
+    DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set, Statement, TransactionTrait,
 };
 use syncd_migrations::{Migrator, MigratorTrait};
 
@@ -548,18 +548,40 @@ impl Queue {
 
     /// Records the batch of `rows` read ahead by [`Queue::readings_after`], if the
     /// Client System is still batched through `after` (else none: read them again).
+    ///
+    /// With `delivered`, the batch just delivered and not acknowledged yet, nothing is
+    /// recorded either when this process could claim ([`Queue::claim_batch`]) a batch
+    /// of the Client System other than that one: such a batch (a retry, or one whose
+    /// holder's lease ran out) goes before new ones.
     pub async fn record_read_ahead(
         &self,
         client_system: &str,
         after: i64,
         rows: &[QueuedReading],
+        delivered: Option<&str>,
     ) -> Result<Option<Batch>> {
         let Some(last) = rows.last() else {
             return Ok(None);
         };
+        let nothing_to_claim = delivered.map(|id| {
+            let claimable = Query::select()
+                .expr(Expr::val(1))
+                .from(batch::Entity)
+                .and_where(batch::Column::ClientSystem.eq(client_system))
+                .and_where(batch::Column::Id.ne(id))
+                .cond_where(
+                    Condition::any()
+                        .add(batch::Column::LeasedBy.is_null())
+                        .add(batch::Column::LeasedBy.eq(&*self.process))
+                        .add(batch::Column::LeaseUntilMs.lt(crate::clock::now_ms())),
+                )
+                .to_owned();
+            sea_orm::sea_query::ExprTrait::not(Expr::exists(claimable))
+        });
         let txn = self.db.begin().await?;
-        if !move_progress(&txn, client_system, after, last.id).await? {
-            // Batched further meanwhile (or the Client System is gone): nothing recorded.
+        if !move_progress_where(&txn, client_system, after, last.id, nothing_to_claim).await? {
+            // Batched further meanwhile (or the Client System is gone), or a batch to
+            // claim first: nothing recorded.
             return Ok(None);
         }
         let record = self.insert_batch(&txn, client_system, rows).await?;
@@ -704,7 +726,6 @@ impl Queue {
     /// Dead letters of a Client System no longer configured stay where they are: there
     /// is no one to send them to.
     pub async fn requeue_dead_letters(&self, id: Option<&str>) -> Result<u64> {
-        use sea_orm::sea_query::Query;
         let txn = self.db.begin().await?;
         let mut find = dead_letter::Entity::find().filter(
             dead_letter::Column::ClientSystem.in_subquery(
@@ -1184,13 +1205,25 @@ async fn move_progress(
     from: i64,
     to: i64,
 ) -> Result<bool> {
-    let moved = client_system::Entity::update_many()
+    move_progress_where(txn, client_system, from, to, None).await
+}
+
+/// [`move_progress`], and only where `condition` (if any) holds.
+async fn move_progress_where(
+    txn: &DatabaseTransaction,
+    client_system: &str,
+    from: i64,
+    to: i64,
+    condition: Option<Expr>,
+) -> Result<bool> {
+    let mut update = client_system::Entity::update_many()
         .col_expr(client_system::Column::BatchedThrough, Expr::value(to))
         .filter(client_system::Column::Name.eq(client_system))
-        .filter(client_system::Column::BatchedThrough.eq(from))
-        .exec(txn)
-        .await?;
-    Ok(moved.rows_affected == 1)
+        .filter(client_system::Column::BatchedThrough.eq(from));
+    if let Some(condition) = condition {
+        update = update.filter(condition);
+    }
+    Ok(update.exec(txn).await?.rows_affected == 1)
 }
 
 /// Which readings to read, in queue order.
