@@ -7,9 +7,11 @@
 //! effect on the batch. Through a backlog the queue's work overlaps the delivery: the
 //! next batch's readings are read while a full batch is sent, and the acknowledgement
 //! of an accepted batch is written while the next one is sent (recorded first, so
-//! that on SQLite's one connection it is not queued behind the acknowledgement). Every `heartbeat`, the worker sends the Client System a
-//! heartbeat through the transport, with the readings queued for it, its last success
-//! and the daemon's version. On start and every `config_refresh` it downloads the
+//! that on SQLite's one connection it is not queued behind the acknowledgement).
+//!
+//! Every `heartbeat`, the worker sends the Client System a heartbeat through the
+//! transport, with the readings queued for it, its last success and the daemon's
+//! version. On start and every `config_refresh` it downloads the
 //! Client System's remote configuration, applies it between batches, and keeps the
 //! last good one in the queue's database for a start while the Client System is out
 //! of reach.
