@@ -519,16 +519,20 @@ async fn a_read_ahead_waits_behind_a_batch_to_claim(backend: Backend, test: &str
         .await
         .unwrap();
     assert_eq!(ahead.len(), 4);
+    // The next batch recorded while `delivered` waits for its acknowledgement.
+    let record_next = async || {
+        queue
+            .record_read_ahead(
+                "meterit",
+                delivered.last_reading_id,
+                &ahead,
+                Some(&delivered.id),
+            )
+            .await
+            .unwrap()
+    };
 
-    let refused = queue
-        .record_read_ahead(
-            "meterit",
-            delivered.last_reading_id,
-            &ahead,
-            Some(&delivered.id),
-        )
-        .await
-        .unwrap();
+    let refused = record_next().await;
     assert!(
         refused.is_none(),
         "recorded past a batch waiting for its retry: {refused:?}"
@@ -541,15 +545,8 @@ async fn a_read_ahead_waits_behind_a_batch_to_claim(backend: Backend, test: &str
         .dead_letter(&waiting, attempt(&waiting, "rejected"), "refused")
         .await
         .unwrap();
-    let next = queue
-        .record_read_ahead(
-            "meterit",
-            delivered.last_reading_id,
-            &ahead,
-            Some(&delivered.id),
-        )
+    let next = record_next()
         .await
-        .unwrap()
         .expect("nothing else to claim: recorded");
     assert_eq!(
         (next.first_reading_id, next.last_reading_id),
