@@ -6,8 +6,8 @@
 //! Every attempt is logged to `sync_log` in the same transaction that records its
 //! effect on the batch. Through a backlog the queue's work overlaps the delivery: the
 //! next batch's readings are read while a full batch is sent, and the acknowledgement
-//! of an accepted batch is written while the next one is sent (recorded first, so
-//! that on SQLite's one connection it is not queued behind the acknowledgement).
+//! of an accepted batch is written while the next one is sent (recorded first: SQLite
+//! takes one writer at a time, and the record would wait for the acknowledgement).
 //!
 //! Every `heartbeat`, the worker sends the Client System a heartbeat through the
 //! transport, with the readings queued for it, its last success and the daemon's
