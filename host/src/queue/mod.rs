@@ -523,8 +523,10 @@ impl Queue {
         let Some(last) = rows.last() else {
             return Ok(None);
         };
-        // The progress read above is locked (its row on PostgreSQL, the database on
-        // SQLite's one connection): nothing can have moved it since.
+        // The progress read above cannot have moved since: on PostgreSQL its row is
+        // locked; on SQLite (a pool of connections, one writer at a time) a transaction
+        // that has read cannot write after another connection wrote (SQLITE_BUSY_SNAPSHOT,
+        // an error), and `move_progress` checks where it was either way.
         anyhow::ensure!(
             move_progress(&txn, client_system, progress, last.id).await?,
             "the progress of client system {client_system} moved while locked"
