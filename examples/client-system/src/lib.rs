@@ -269,7 +269,12 @@ impl Server {
         }
         let url = format!("sqlite://{}?mode=rwc", options.database.display());
         let mut connect = ConnectOptions::new(url.clone());
-        connect.sqlx_logging(false);
+        // No idle timeout or lifetime, so no pool maintenance task: sqlx 0.9.0's can
+        // miscount idle connections and spin without end (sqlx issue 3645).
+        connect
+            .sqlx_logging(false)
+            .idle_timeout(None::<std::time::Duration>)
+            .max_lifetime(None::<std::time::Duration>);
         let synchronous = if options.flush_each_batch {
             SqliteSynchronous::Full
         } else {

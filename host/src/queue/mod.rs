@@ -267,6 +267,7 @@ impl Queue {
             );
         };
         options.sqlx_logging(false);
+        without_pool_maintenance(&mut options);
         let db = connect_and_migrate(options)
             .await
             .with_context(|| format!("failed to open the database {}", redact_url(url)))?;
@@ -1125,6 +1126,17 @@ pub fn host_name() -> String {
 const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Options for the connection to the SQLite file at `path`.
+/// Connections without an idle timeout or a lifetime, so that the pool runs no
+/// maintenance task: sqlx 0.9.0's can miscount its idle connections (a release racing
+/// an acquire) and then spin without end, a core busy and a runtime thread lost (sqlx
+/// issue 3645, seen here as a test hanging at 100% CPU). Connections stay open; a
+/// PostgreSQL one found broken when the pool checks it before use is replaced.
+fn without_pool_maintenance(options: &mut ConnectOptions) {
+    options
+        .idle_timeout(None::<Duration>)
+        .max_lifetime(None::<Duration>);
+}
+
 fn sqlite_options(path: std::path::PathBuf, durability: Durability) -> ConnectOptions {
     let mut options = ConnectOptions::new(format!("sqlite://{}", path.display()));
     options.map_sqlx_sqlite_opts(move |o| {
@@ -1477,5 +1489,22 @@ pub fn redact_url(url: &str) -> String {
             parsed.to_string()
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_pool_has_no_maintenance_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open("sqlite://queue.db", Durability::Normal, dir.path())
+            .await
+            .unwrap();
+        let pool = queue.db.get_sqlite_connection_pool().options();
+        assert_eq!(pool.get_idle_timeout(), None, "an idle timeout");
+        assert_eq!(pool.get_max_lifetime(), None, "a lifetime");
+        assert_eq!(pool.get_min_connections(), 0);
     }
 }
