@@ -1125,7 +1125,6 @@ pub fn host_name() -> String {
 /// cannot (a wrong address or a server that is down should not look like a hang).
 const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Options for the connection to the SQLite file at `path`.
 /// Connections without an idle timeout or a lifetime, so that the pool runs no
 /// maintenance task: sqlx 0.9.0's can miscount its idle connections (a release racing
 /// an acquire) and then spin without end, a core busy and a runtime thread lost (sqlx
@@ -1137,6 +1136,7 @@ fn without_pool_maintenance(options: &mut ConnectOptions) {
         .max_lifetime(None::<Duration>);
 }
 
+/// Options for the connection to the SQLite file at `path`.
 fn sqlite_options(path: std::path::PathBuf, durability: Durability) -> ConnectOptions {
     let mut options = ConnectOptions::new(format!("sqlite://{}", path.display()));
     options.map_sqlx_sqlite_opts(move |o| {
