@@ -293,6 +293,19 @@ mod tests {
 
     use super::*;
 
+    /// `sync.toml` written with `text` in `dir`, and a watcher on it with its channel.
+    fn watching_config(
+        dir: &Path,
+        text: &str,
+    ) -> (PathBuf, FileWatcher, mpsc::UnboundedReceiver<()>) {
+        let config = dir.join("sync.toml");
+        std::fs::write(&config, text).unwrap();
+        let (changed, changes) = mpsc::unbounded_channel();
+        let mut watcher = FileWatcher::new(changed);
+        watcher.watch(std::slice::from_ref(&config));
+        (config, watcher, changes)
+    }
+
     /// Waits up to `within` for a change to be reported.
     async fn reported(changes: &mut mpsc::UnboundedReceiver<()>, within: Duration) -> bool {
         tokio::time::timeout(within, changes.recv()).await.is_ok()
@@ -303,14 +316,10 @@ mod tests {
     #[tokio::test]
     async fn a_file_written_beside_the_watched_ones_wakes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("sync.toml");
-        std::fs::write(&config, "# first\n").unwrap();
         // What a database does beside sync.toml: its file kept open and written to.
         use std::io::Write as _;
         let mut database = std::fs::File::create(dir.path().join("syncd.db")).unwrap();
-        let (changed, mut changes) = mpsc::unbounded_channel();
-        let mut watcher = FileWatcher::new(changed);
-        watcher.watch(std::slice::from_ref(&config));
+        let (config, watcher, mut changes) = watching_config(dir.path(), "# first\n");
 
         for _ in 0..200 {
             database.write_all(&[0; 4096]).unwrap();
@@ -338,11 +347,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_watcher_stops_reading_events() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("sync.toml");
-        std::fs::write(&config, "").unwrap();
-        let (changed, mut changes) = mpsc::unbounded_channel();
-        let mut watcher = FileWatcher::new(changed);
-        watcher.watch(std::slice::from_ref(&config));
+        let (_, watcher, mut changes) = watching_config(dir.path(), "");
         drop(watcher);
         let closed = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
         assert_eq!(closed, Ok(None), "the watcher's thread outlived it");
@@ -351,11 +356,7 @@ mod tests {
     #[tokio::test]
     async fn a_file_of_no_interest_in_the_folder_is_not_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("sync.toml");
-        std::fs::write(&config, "").unwrap();
-        let (changed, mut changes) = mpsc::unbounded_channel();
-        let mut watcher = FileWatcher::new(changed);
-        watcher.watch(std::slice::from_ref(&config));
+        let (_, watcher, mut changes) = watching_config(dir.path(), "");
         std::fs::write(dir.path().join("notes.txt"), "written and closed").unwrap();
         assert!(!reported(&mut changes, Duration::from_millis(300)).await);
         // It was seen, and found of no interest.

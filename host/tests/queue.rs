@@ -499,19 +499,9 @@ async fn a_read_ahead_waits_behind_a_batch_to_claim(backend: Backend, test: &str
     queue.enqueue(&readings(12)).await.unwrap();
     let (waiting, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
     let (delivered, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
-    let attempt = |batch: &syncd::queue::Batch, outcome| syncd::queue::Attempt {
-        client_system: "meterit".into(),
-        batch_id: batch.id.clone(),
-        attempt: 1,
-        started_at_ms: syncd::clock::now_ms(),
-        duration_ms: 5,
-        reading_count: batch.reading_count,
-        outcome,
-        error: None,
-    };
     let retry_at = syncd::clock::now_ms() + 60_000;
     queue
-        .schedule_retry(&waiting, attempt(&waiting, "retry"), 1, retry_at)
+        .schedule_retry(&waiting, common::attempt(&waiting, "retry"), 1, retry_at)
         .await
         .unwrap();
     let ahead = queue
@@ -542,7 +532,7 @@ async fn a_read_ahead_waits_behind_a_batch_to_claim(backend: Backend, test: &str
 
     // Once the waiting batch is gone, only the delivered one is left: not in the way.
     queue
-        .dead_letter(&waiting, attempt(&waiting, "rejected"), "refused")
+        .dead_letter(&waiting, common::attempt(&waiting, "rejected"), "refused")
         .await
         .unwrap();
     let next = record_next()

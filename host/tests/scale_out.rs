@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::stream::{EPOCH_MS, Ingested, assert_exactly_once, stream_readings_from};
-use common::{Backend, Site, eventually, free_addr};
+use common::{Backend, Site, attempt, eventually, free_addr};
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
 
 /// A `syncd run` process, killed when dropped.
@@ -483,20 +483,6 @@ async fn a_batch_left_behind_goes_before_the_rest_of_a_backlog() {
         order.len()
     );
     common::assert_each_once(site.client(), 3100).await;
-}
-
-/// A `sync_log` row for an attempt at `batch`.
-fn attempt(batch: &syncd::queue::Batch, outcome: &'static str) -> syncd::queue::Attempt {
-    syncd::queue::Attempt {
-        client_system: batch.client_system.clone(),
-        batch_id: batch.id.clone(),
-        attempt: batch.attempts + 1,
-        started_at_ms: syncd::clock::now_ms(),
-        duration_ms: 1,
-        reading_count: batch.reading_count,
-        outcome,
-        error: None,
-    }
 }
 
 /// What one process finds, the others learn: p1 checks nothing by itself for an hour,

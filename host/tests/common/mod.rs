@@ -393,6 +393,20 @@ pub async fn assert_each_once(server: &Server, expected: usize) {
     assert!(seen.values().all(|&n| n == 1), "a reading was stored twice");
 }
 
+/// A `sync_log` row for an attempt at `batch`.
+pub fn attempt(batch: &syncd::queue::Batch, outcome: &'static str) -> syncd::queue::Attempt {
+    syncd::queue::Attempt {
+        client_system: batch.client_system.clone(),
+        batch_id: batch.id.clone(),
+        attempt: batch.attempts + 1,
+        started_at_ms: syncd::clock::now_ms(),
+        duration_ms: 1,
+        reading_count: batch.reading_count,
+        outcome,
+        error: None,
+    }
+}
+
 /// `n` distinct readings.
 pub fn readings(n: usize) -> Vec<NewReading> {
     (0..n)
