@@ -455,7 +455,9 @@ impl Queue {
 
     /// Takes the oldest batch of a Client System not acknowledged yet that no other
     /// process holds (or whose holder's lease ran out): it is this process's for
-    /// `batch_lease` from now or from its retry time, whichever is later.
+    /// `batch_lease` from now or from its retry time, whichever is later. Which
+    /// batches can be claimed is also checked by [`Queue::record_read_ahead`]: keep
+    /// the two alike.
     pub async fn claim_batch(&self, client_system: &str) -> Result<Option<Batch>> {
         let now = crate::clock::now_ms();
         let skip_locked = if self.is_postgres() {
@@ -529,7 +531,7 @@ impl Queue {
         // that has read cannot write after another connection wrote (SQLITE_BUSY_SNAPSHOT,
         // an error), and `move_progress` checks where it was either way.
         anyhow::ensure!(
-            move_progress(&txn, client_system, progress, last.id).await?,
+            move_progress(&txn, client_system, progress, last.id, None).await?,
             "the progress of client system {client_system} moved while locked"
         );
         let record = self.insert_batch(&txn, client_system, &rows).await?;
@@ -566,6 +568,9 @@ impl Queue {
         let Some(last) = rows.last() else {
             return Ok(None);
         };
+        // Which batches can be claimed, as in `claim_batch` (keep the two alike). Built
+        // with sea-query rather than as text: a custom expression's `$N` values are
+        // dropped on SQLite.
         let nothing_to_claim = delivered.map(|id| {
             let claimable = Query::select()
                 .expr(Expr::val(1))
@@ -582,7 +587,7 @@ impl Queue {
             sea_orm::sea_query::ExprTrait::not(Expr::exists(claimable))
         });
         let txn = self.db.begin().await?;
-        if !move_progress_where(&txn, client_system, after, last.id, nothing_to_claim).await? {
+        if !move_progress(&txn, client_system, after, last.id, nothing_to_claim).await? {
             // Batched further meanwhile (or the Client System is gone), or a batch to
             // claim first: nothing recorded.
             return Ok(None);
@@ -1211,19 +1216,10 @@ async fn batched_through(txn: &DatabaseTransaction, client_system: &str) -> Resu
 }
 
 /// Moves a Client System's progress from `from` to `to`, checking and moving it in one
-/// statement; false when it was not at `from` (batched further by then, or gone). On
+/// statement, and only where `condition` (if any) holds too; false when it was not at
+/// `from` (batched further by then, or gone) or the condition did not hold. On
 /// PostgreSQL the Client System's row stays locked to the end of the transaction.
 async fn move_progress(
-    txn: &DatabaseTransaction,
-    client_system: &str,
-    from: i64,
-    to: i64,
-) -> Result<bool> {
-    move_progress_where(txn, client_system, from, to, None).await
-}
-
-/// [`move_progress`], and only where `condition` (if any) holds.
-async fn move_progress_where(
     txn: &DatabaseTransaction,
     client_system: &str,
     from: i64,
