@@ -315,3 +315,38 @@ async fn json_batch_carries_every_field_of_every_reading() {
         assert_eq!(attributes, expected, "attributes of reading {}", want.id);
     }
 }
+
+/// A batch the Client System accepts while the daemon is being stopped is acknowledged
+/// before the daemon stops: not left to be sent again after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_accepted_during_a_stop_is_acknowledged_before_it() {
+    let site = Site::new("batch_size = 10").await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(20)).await.unwrap();
+    // The first batch stored at once, answered a second later.
+    site.client().inject_faults([Fault {
+        store: true,
+        delay_ms: Some(1000),
+        ..Fault::default()
+    }]);
+
+    let daemon = site.start();
+    eventually(LIMIT, "the first batch stored", || async {
+        site.client().stored_batches().await.unwrap().len() == 1
+    })
+    .await;
+    daemon.stop().await;
+
+    let log = queue.sync_log_since(0).await.unwrap();
+    let outcomes: Vec<&str> = log.iter().map(|row| row.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["accepted"], "the attempt logged");
+    assert_eq!(
+        queue.reading_count().await.unwrap(),
+        10,
+        "the first batch's readings pruned, the second's kept"
+    );
+    assert!(
+        queue.pending_batch("meterit").await.unwrap().is_none(),
+        "the accepted batch still recorded: it would be sent again"
+    );
+}
