@@ -131,7 +131,7 @@ pub fn encode_document(
             let value = values
                 .next(j)
                 .ok_or_else(|| out_of_place("attribute-values", j))?;
-            let mut c = out.room(2 + string_room(key.len() + value.len()));
+            let mut c = out.room(2 + string_room(key.len()) + string_room(value.len()));
             if j > pair {
                 c.byte(b',');
             }

@@ -216,6 +216,20 @@ fn a_whole_document() {
     );
 }
 
+/// An attribute after another with an empty key and value: once written past the
+/// room made for it (a trap in the component).
+#[test]
+fn an_empty_attribute_after_another() {
+    let mut r = two_readings();
+    r.attribute_keys = strings(&["phase", ""]);
+    r.attribute_values = strings(&["L1", ""]);
+    let body = String::from_utf8(crate::encode_document("b", "s", &r).unwrap()).unwrap();
+    assert!(
+        body.ends_with(r#""attributes":{"phase":"L1","":""}}]}"#),
+        "{body}"
+    );
+}
+
 #[test]
 fn columns_that_do_not_hold_together_are_refused() {
     let mut r = two_readings();
