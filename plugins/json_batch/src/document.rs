@@ -14,7 +14,11 @@
 //!   inlined and loop-free, the rare ones out of line;
 //! - state kept in memory is loaded and stored at every step: a reading is written
 //!   through a [`Cursor`] over room made for it once, whose position the compiler
-//!   keeps in a register, rather than through the growing buffer.
+//!   keeps in a register, rather than through the growing buffer;
+//! - a bounds check is a comparison, a branch and often a length reloaded from the
+//!   stack: the room is checked once per reading, and the writes inside it are not
+//!   (each `*_ROOM` bounds what its piece writes; debug builds, which run the tests,
+//!   check every write against the room).
 
 use std::fmt::Write as _;
 
@@ -70,13 +74,18 @@ pub fn encode_document(
     }
 
     let mut out = Writer::with_capacity(64 + n * RESERVE_PER_READING);
-    out.write(64 + string_room(batch_id.len() + site_id.len()), |c| {
-        c.literal(b"{\"batch_id\":");
-        c.string(batch_id);
-        c.literal(b",\"site_id\":");
-        c.string(site_id);
-        c.literal(b",\"readings\":[");
-    });
+    // SAFETY (of each room made below): the room covers the piece written in it, its
+    // fixed text and the most each of its numbers and strings can take.
+    let head = 64 + string_room(batch_id.len() + site_id.len());
+    unsafe {
+        out.write(head, |c| {
+            c.literal(b"{\"batch_id\":");
+            c.string(batch_id);
+            c.literal(b",\"site_id\":");
+            c.string(site_id);
+            c.literal(b",\"readings\":[");
+        })
+    };
     let mut pair = 0;
     let numbers = readings
         .ids
@@ -98,7 +107,7 @@ pub fn encode_document(
         let text = meter_id.len() + channel.len() + unit.len() + quality.len();
         // Written straight through a cursor, not in a closure: the compiler keeps a
         // closure this size out of line, and its cursor in memory.
-        let mut c = out.room(reading_room(text));
+        let mut c = unsafe { out.room(reading_room(text)) };
         if i > 0 {
             // The end of the reading before.
             c.literal(b"}},");
@@ -131,7 +140,7 @@ pub fn encode_document(
             let value = values
                 .next(j)
                 .ok_or_else(|| out_of_place("attribute-values", j))?;
-            let mut c = out.room(2 + string_room(key.len()) + string_room(value.len()));
+            let mut c = unsafe { out.room(2 + string_room(key.len()) + string_room(value.len())) };
             if j > pair {
                 c.byte(b',');
             }
@@ -143,12 +152,14 @@ pub fn encode_document(
         }
         pair = end;
     }
-    out.write(4, |c| {
-        if n > 0 {
-            c.literal(b"}}");
-        }
-        c.literal(b"]}");
-    });
+    unsafe {
+        out.write(4, |c| {
+            if n > 0 {
+                c.literal(b"}}");
+            }
+            c.literal(b"]}");
+        })
+    };
     Ok(out.into_bytes())
 }
 
@@ -220,9 +231,13 @@ impl Writer {
     }
 
     /// Writes a piece of at most `room` bytes through a cursor over room made for it.
+    ///
+    /// # Safety
+    /// `piece` writes at most `room` bytes (see [`Cursor`]).
     #[inline(always)]
-    pub(crate) fn write(&mut self, room: usize, piece: impl FnOnce(&mut Cursor<'_>)) {
-        let mut cursor = self.room(room);
+    pub(crate) unsafe fn write(&mut self, room: usize, piece: impl FnOnce(&mut Cursor<'_>)) {
+        // SAFETY: passed on to the caller.
+        let mut cursor = unsafe { self.room(room) };
         piece(&mut cursor);
         let written = cursor.at;
         self.advance(written);
@@ -230,15 +245,16 @@ impl Writer {
 
     /// A cursor over `room` bytes after what is written; [`Writer::advance`] by what it
     /// wrote once done with it.
+    ///
+    /// # Safety
+    /// What is written through the cursor fits in `room` bytes (see [`Cursor`]).
     #[inline(always)]
-    pub(crate) fn room(&mut self, room: usize) -> Cursor<'_> {
+    pub(crate) unsafe fn room(&mut self, room: usize) -> Cursor<'_> {
         if self.buf.len() - self.len < room {
             self.grow(room);
         }
-        Cursor {
-            out: &mut self.buf[self.len..self.len + room],
-            at: 0,
-        }
+        // SAFETY: passed on to the caller.
+        unsafe { Cursor::new(&mut self.buf[self.len..self.len + room]) }
     }
 
     /// Counts `n` more bytes as written (what a cursor from [`Writer::room`] wrote).
@@ -255,24 +271,63 @@ impl Writer {
     }
 }
 
-/// Room for one piece of the document, and how much of it is written. Writing past
-/// the room panics: the room asked for must cover the piece (see the `*_ROOM`s).
+/// Room for one piece of the document, and how much of it is written. Its writes are
+/// not checked against the room in release builds: whoever makes a cursor promises
+/// that the piece fits (see the `*_ROOM`s). Debug builds check every write.
 pub(crate) struct Cursor<'a> {
     out: &'a mut [u8],
     at: usize,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
+    /// A cursor at the start of `out`.
+    ///
+    /// # Safety
+    /// Everything written through the cursor fits in `out`.
+    #[inline(always)]
+    unsafe fn new(out: &'a mut [u8]) -> Self {
+        Self { out, at: 0 }
+    }
+
+    /// Stores `bytes` at the cursor, which does not move.
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, bytes: [u8; N]) {
+        debug_assert!(
+            self.at + N <= self.out.len(),
+            "a piece larger than its room"
+        );
+        // SAFETY: within the room, as the cursor's maker promised (`Cursor::new`).
+        unsafe {
+            self.out
+                .as_mut_ptr()
+                .add(self.at)
+                .cast::<[u8; N]>()
+                .write_unaligned(bytes);
+        }
+    }
+
+    /// The next `n` bytes of the room, to be written.
+    #[inline(always)]
+    fn ahead(&mut self, n: usize) -> &mut [u8] {
+        debug_assert!(
+            self.at + n <= self.out.len(),
+            "a piece larger than its room"
+        );
+        // SAFETY: within the room, as the cursor's maker promised (`Cursor::new`); the
+        // bytes are initialised (the room is part of a slice).
+        unsafe { std::slice::from_raw_parts_mut(self.out.as_mut_ptr().add(self.at), n) }
+    }
+
     #[inline(always)]
     fn byte(&mut self, b: u8) {
-        self.out[self.at] = b;
+        self.put([b]);
         self.at += 1;
     }
 
     /// Appends a fixed piece of the document (its length is a constant).
     #[inline(always)]
     fn literal<const N: usize>(&mut self, bytes: &[u8; N]) {
-        self.out[self.at..self.at + N].copy_from_slice(bytes);
+        self.put(*bytes);
         self.at += N;
     }
 
@@ -280,7 +335,7 @@ impl Cursor<'_> {
     /// written over next, or lies past the end of the document).
     #[inline(always)]
     fn word(&mut self, word: u64, n: usize) {
-        self.out[self.at..self.at + 8].copy_from_slice(&word.to_le_bytes());
+        self.put(word.to_le_bytes());
         self.at += n;
     }
 
@@ -289,7 +344,7 @@ impl Cursor<'_> {
     pub(crate) fn string(&mut self, s: &str) {
         let bytes = s.as_bytes();
         let n = bytes.len();
-        let room = &mut self.out[self.at..self.at + n + 2];
+        let room = self.ahead(n + 2);
         room[0] = b'"';
         if copy_plain(bytes, &mut room[1..n + 1]) {
             room[n + 1] = b'"';
@@ -387,8 +442,7 @@ impl Cursor<'_> {
             (_, 0) => 3,
             _ => 4,
         };
-        self.out[self.at..self.at + 4]
-            .copy_from_slice(&(u32::from(b'.') | digits << 8).to_le_bytes());
+        self.put((u32::from(b'.') | digits << 8).to_le_bytes());
         self.at += n;
     }
 }
@@ -398,32 +452,33 @@ impl Cursor<'_> {
 #[cold]
 #[inline(never)]
 fn escaped(bytes: &[u8], out: &mut [u8]) -> usize {
-    let mut c = Cursor { out, at: 0 };
+    // Checked writes: this path is rare.
+    let mut at = 0;
+    let mut put = |piece: &[u8]| {
+        out[at..at + piece.len()].copy_from_slice(piece);
+        at += piece.len();
+    };
     for &b in bytes {
         match b {
-            b'"' => c.literal(b"\\\""),
-            b'\\' => c.literal(b"\\\\"),
-            b'\n' => c.literal(b"\\n"),
-            b'\r' => c.literal(b"\\r"),
-            b'\t' => c.literal(b"\\t"),
-            0..=0x1f => {
-                let mut code = String::with_capacity(6);
-                let _ = write!(code, "\\u{b:04x}");
-                for &x in code.as_bytes() {
-                    c.byte(x);
-                }
-            }
-            b => c.byte(b),
+            b'"' => put(b"\\\""),
+            b'\\' => put(b"\\\\"),
+            b'\n' => put(b"\\n"),
+            b'\r' => put(b"\\r"),
+            b'\t' => put(b"\\t"),
+            0..=0x1f => put(format!("\\u{b:04x}").as_bytes()),
+            b => put(&[b]),
         }
     }
-    c.at
+    at
 }
 
 /// Writes `v` (10⁸ or more, under 2⁶⁴ / 10⁸) into `out` in decimal; returns how many
 /// digits it wrote (it may store up to 8 bytes past them).
 #[inline(never)]
 fn above_eight_digits(v: u64, out: &mut [u8]) -> usize {
-    let mut c = Cursor { out, at: 0 };
+    // SAFETY: at most 4 digits (v is under 2⁶⁴ / 10⁸, its part above eight digits under
+    // 10⁴) and then eight; each stored as a word of 8 bytes: 12 bytes at most.
+    let mut c = unsafe { Cursor::new(&mut out[..16]) };
     let high = div_1e8(v);
     c.up_to_eight_digits(high as u32);
     c.eight_digits((v - high * 100_000_000) as u32);

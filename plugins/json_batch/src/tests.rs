@@ -5,7 +5,9 @@ use crate::document::{Cursor, NUMBER_ROOM, VALUE_ROOM, Writer, string_room};
 /// What `piece` writes, given `room` bytes.
 fn written(room: usize, piece: impl FnOnce(&mut Cursor<'_>)) -> String {
     let mut out = Writer::with_capacity(0);
-    out.write(room, piece);
+    // SAFETY: each test gives the room its piece is written for; this debug build
+    // checks every write against it.
+    unsafe { out.write(room, piece) };
     String::from_utf8(out.into_bytes()).unwrap()
 }
 
@@ -212,6 +214,45 @@ fn a_whole_document() {
             r#""unit":"kWh","quality":"good","attributes":{}},"#,
             r#"{"id":2,"meter_id":"Zürich \"Nord\"","channel":"import-kwh","timestamp":-5,"#,
             r#""value":0.0000001,"unit":"","quality":"estimated","attributes":{"phase":"L1","k":"v\n"}}]}"#
+        )
+    );
+}
+
+/// Readings at their longest: every number at its most digits and every byte of
+/// every string escaped as `\u00XX`. The writes inside a reading's room are checked
+/// against it in this debug build only, so a room reckoned short fails here.
+#[test]
+fn readings_at_their_longest_fit_their_room() {
+    let control = "\u{1}".repeat(9);
+    let one = |s: &str| strings(&[s, s]);
+    let readings = crate::Readings {
+        ids: vec![u64::MAX, u64::MAX],
+        meter_ids: one(&control),
+        channels: one(&control),
+        timestamps_ms: vec![i64::MIN, i64::MIN],
+        // The longest texts `Display` writes for an f64.
+        values: vec![-5e-324, -f64::MAX],
+        units: one(&control),
+        qualities: one(&control),
+        attribute_ends: vec![1, 2],
+        attribute_keys: one(&control),
+        attribute_values: one(&control),
+    };
+    let body = crate::encode_document("b", "s", &readings).unwrap();
+    let s = quoted(&control);
+    let reading = |value: f64| {
+        format!(
+            r#"{{"id":{},"meter_id":{s},"channel":{s},"timestamp":{},"value":{value},"unit":{s},"quality":{s},"attributes":{{{s}:{s}}}}}"#,
+            u64::MAX,
+            i64::MIN,
+        )
+    };
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        format!(
+            r#"{{"batch_id":"b","site_id":"s","readings":[{},{}]}}"#,
+            reading(-5e-324),
+            reading(-f64::MAX)
         )
     );
 }
