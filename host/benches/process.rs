@@ -181,6 +181,8 @@ struct Load {
     cpu_share: f64,
     peak_rss_kib: u64,
     rss_at_end_kib: u64,
+    /// Of `rss_at_end_kib`, memory of the process's own (not pages of mapped files).
+    rss_anon_at_end_kib: u64,
     drained_after: Duration,
 }
 
@@ -256,6 +258,7 @@ async fn steady_load(
         cpu_share,
         peak_rss_kib: status_kib(pid, "VmHWM:")?,
         rss_at_end_kib: status_kib(pid, "VmRSS:")?,
+        rss_anon_at_end_kib: status_kib(pid, "RssAnon:")?,
         drained_after,
     })
 }
@@ -292,6 +295,10 @@ fn main() -> Result<()> {
         // Past start-up: the first probe, heartbeat and config download are done.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle_rss = status_kib(child.id(), "VmRSS:")?;
+        // RSS also counts the pages of the binary's code that have run (mapped from
+        // the file, clean: the kernel can drop them and read them again); what the
+        // daemon holds of its own is the anonymous part.
+        let idle_rss_anon = status_kib(child.id(), "RssAnon:")?;
         let load = steady_load(&site, &server, &child, rate, seconds).await;
         let load = match load {
             Ok(load) => load,
@@ -320,6 +327,10 @@ fn main() -> Result<()> {
             mib(idle_rss)
         );
         println!(
+            "    of it anonymous (not mapped files) {:>10.1} MiB",
+            mib(idle_rss_anon)
+        );
+        println!(
             "  steady load offered                  {:>10.0} readings/s",
             load.offered_per_s
         );
@@ -336,6 +347,10 @@ fn main() -> Result<()> {
             mib(load.rss_at_end_kib)
         );
         println!(
+            "    of it anonymous (not mapped files) {:>10.1} MiB",
+            mib(load.rss_anon_at_end_kib)
+        );
+        println!(
             "  delivered all, after the load ended  {:>10.0} ms",
             ms(load.drained_after)
         );
@@ -343,10 +358,12 @@ fn main() -> Result<()> {
             "startup_to_first_batch_cold_ms": ms(cold),
             "startup_to_first_batch_warm_ms": ms(warm),
             "idle_rss_mib": mib(idle_rss),
+            "idle_rss_anon_mib": mib(idle_rss_anon),
             "steady_rate_offered_per_s": load.offered_per_s,
             "steady_cpu_share_of_one_core": load.cpu_share,
             "steady_peak_rss_mib": mib(load.peak_rss_kib),
             "steady_rss_after_mib": mib(load.rss_at_end_kib),
+            "steady_rss_after_anon_mib": mib(load.rss_anon_at_end_kib),
             "steady_drained_after_ms": ms(load.drained_after),
         });
         common::write_json("process", &json)?;
