@@ -226,7 +226,8 @@ async fn heartbeats_carry_the_queue_depth_and_last_success() {
 
 /// The `json_batch` component (WIT 0.2.0, the batch in columns) writes every field of
 /// every reading: attributes on some readings and none on others, text that JSON must
-/// escape, non-ASCII text, empty strings.
+/// escape, non-ASCII text, empty strings (a later attribute with an empty key and
+/// value, or a key escaped in full, once made the component trap).
 #[tokio::test]
 async fn json_batch_carries_every_field_of_every_reading() {
     use syncd::plugin::bindings::types::{BatchInfo, Reading};
@@ -261,6 +262,8 @@ async fn json_batch_carries_every_field_of_every_reading() {
         ),
         reading(2, "water-2", &[]),
         reading(3, "", &[("k", "")]),
+        reading(4, "gas-4", &[("a", "b"), ("", "")]),
+        reading(5, "gas-5", &[("a", "b"), ("\u{1}", "")]),
     ];
     let info = BatchInfo {
         batch_id: "b-1".into(),
@@ -289,7 +292,7 @@ async fn json_batch_carries_every_field_of_every_reading() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(encoded.reading_count, 3);
+    assert_eq!(encoded.reading_count, 5);
 
     let document: serde_json::Value = serde_json::from_slice(&encoded.body).unwrap();
     assert_eq!(document["batch_id"], "b-1");
