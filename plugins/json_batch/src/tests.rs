@@ -219,12 +219,14 @@ fn a_whole_document() {
 }
 
 /// Readings at their longest: every number at its most digits and every byte of
-/// every string escaped as `\u00XX`. The writes inside a reading's room are checked
-/// against it in this debug build only, so a room reckoned short fails here.
+/// every string escaped as `\u00XX`, the second with an attribute after another. The
+/// writes inside a room are checked against it in this debug build only, so a room
+/// reckoned short fails here.
 #[test]
 fn readings_at_their_longest_fit_their_room() {
     let control = "\u{1}".repeat(9);
-    let one = |s: &str| strings(&[s, s]);
+    let column = |s: &str, n: usize| strings(&vec![s; n]);
+    let one = |s: &str| column(s, 2);
     let readings = crate::Readings {
         ids: vec![u64::MAX, u64::MAX],
         meter_ids: one(&control),
@@ -234,15 +236,15 @@ fn readings_at_their_longest_fit_their_room() {
         values: vec![-5e-324, -f64::MAX],
         units: one(&control),
         qualities: one(&control),
-        attribute_ends: vec![1, 2],
-        attribute_keys: one(&control),
-        attribute_values: one(&control),
+        attribute_ends: vec![1, 3],
+        attribute_keys: column(&control, 3),
+        attribute_values: column(&control, 3),
     };
     let body = crate::encode_document("b", "s", &readings).unwrap();
     let s = quoted(&control);
-    let reading = |value: f64| {
+    let reading = |value: f64, attributes: &str| {
         format!(
-            r#"{{"id":{},"meter_id":{s},"channel":{s},"timestamp":{},"value":{value},"unit":{s},"quality":{s},"attributes":{{{s}:{s}}}}}"#,
+            r#"{{"id":{},"meter_id":{s},"channel":{s},"timestamp":{},"value":{value},"unit":{s},"quality":{s},"attributes":{{{attributes}}}}}"#,
             u64::MAX,
             i64::MIN,
         )
@@ -251,8 +253,8 @@ fn readings_at_their_longest_fit_their_room() {
         String::from_utf8(body).unwrap(),
         format!(
             r#"{{"batch_id":"b","site_id":"s","readings":[{},{}]}}"#,
-            reading(-5e-324),
-            reading(-f64::MAX)
+            reading(-5e-324, &format!("{s}:{s}")),
+            reading(-f64::MAX, &format!("{s}:{s},{s}:{s}"))
         )
     );
 }
