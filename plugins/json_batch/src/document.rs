@@ -76,7 +76,7 @@ pub fn encode_document(
     let mut out = Writer::with_capacity(64 + n * RESERVE_PER_READING);
     // SAFETY (of each room made below): the room covers the piece written in it, its
     // fixed text and the most each of its numbers and strings can take.
-    let head = 64 + string_room(batch_id.len() + site_id.len());
+    let head = 64 + string_room(batch_id.len()) + string_room(site_id.len());
     unsafe {
         out.write(head, |c| {
             c.literal(b"{\"batch_id\":");

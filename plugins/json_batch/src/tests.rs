@@ -219,7 +219,8 @@ fn a_whole_document() {
 }
 
 /// Readings at their longest: every number at its most digits and every byte of
-/// every string escaped as `\u00XX`, the second with an attribute after another. The
+/// every string (the batch's ids too) escaped as `\u00XX`, the second reading with an
+/// attribute after another. The
 /// writes inside a room are checked against it in this debug build only, so a room
 /// reckoned short fails here.
 #[test]
@@ -240,7 +241,7 @@ fn readings_at_their_longest_fit_their_room() {
         attribute_keys: column(&control, 3),
         attribute_values: column(&control, 3),
     };
-    let body = crate::encode_document("b", "s", &readings).unwrap();
+    let body = crate::encode_document(&control, &control, &readings).unwrap();
     let s = quoted(&control);
     let reading = |value: f64, attributes: &str| {
         format!(
@@ -252,7 +253,7 @@ fn readings_at_their_longest_fit_their_room() {
     assert_eq!(
         String::from_utf8(body).unwrap(),
         format!(
-            r#"{{"batch_id":"b","site_id":"s","readings":[{},{}]}}"#,
+            r#"{{"batch_id":{s},"site_id":{s},"readings":[{},{}]}}"#,
             reading(-5e-324, &format!("{s}:{s}")),
             reading(-f64::MAX, &format!("{s}:{s},{s}:{s}"))
         )
