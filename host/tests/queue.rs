@@ -768,6 +768,76 @@ async fn old_delivery_attempts_are_deleted(backend: Backend, test: &str) {
 }
 on_both_backends!(old_delivery_attempts_are_deleted);
 
+/// The background checkpointer copies the log into the database file while nothing
+/// commits past the commit-time threshold (4096 pages), and makes the log start again:
+/// a second, equal write then reuses the log file instead of doubling it.
+#[tokio::test]
+async fn a_background_checkpointer_copies_the_log_and_starts_it_again() {
+    let site = Site::build(Backend::Sqlite, "checkpointer", "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    let db = site.dir.path().join("syncd.db");
+    let wal = site.dir.path().join("syncd.db-wal");
+    let size = |path: &std::path::Path| path.metadata().unwrap().len();
+    let _checkpoints = queue.checkpoint_in_background().await.unwrap().unwrap();
+    // About 2000 pages of log in one commit: past the restart threshold (1024), short
+    // of the commit-time one.
+    let n = 120_000;
+    queue.enqueue(&readings(n)).await.unwrap();
+    let logged = size(&wal);
+    assert!(
+        logged > 6 << 20,
+        "the readings are in the log: {logged} bytes"
+    );
+    eventually(LIMIT, "the log copied into the database file", || async {
+        size(&db) > 6 << 20
+    })
+    .await;
+    // The restart follows the copy in the same turn; give it a few turns.
+    tokio::time::sleep(syncd::queue::checkpoint::INTERVAL * 4).await;
+    queue.enqueue(&readings(n)).await.unwrap();
+    let relogged = size(&wal);
+    assert!(
+        relogged < logged + logged / 2,
+        "the second write went to the start of the log: {relogged} bytes against {logged}"
+    );
+    assert_eq!(queue.reading_count().await.unwrap(), 2 * n as u64);
+}
+
+/// With writers that never leave the log alone long enough to start it again by
+/// themselves, the background checkpointer restarts it: the log file stays well under
+/// the 16 MiB at which a commit would checkpoint.
+#[tokio::test]
+async fn a_background_checkpointer_restarts_the_log_between_busy_writers() {
+    let site = Site::build(Backend::Sqlite, "checkpointer", "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    let wal = site.dir.path().join("syncd.db-wal");
+    let _checkpoints = queue.checkpoint_in_background().await.unwrap().unwrap();
+    // Two writers, small commits without end for a fixed amount of work: some 10,000
+    // pages of log in all, more than twice the commit-time threshold.
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                for _ in 0..2000 {
+                    queue.enqueue(&readings(10)).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+    let mut largest = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        largest = largest.max(wal.metadata().map(|m| m.len()).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    largest = largest.max(wal.metadata().unwrap().len());
+    assert!(largest < 10 << 20, "the log grew to {largest} bytes");
+    assert_eq!(queue.reading_count().await.unwrap(), 40_000);
+}
+
 #[tokio::test]
 async fn a_checkpoint_empties_the_sqlite_write_ahead_log() {
     let site = Site::build(Backend::Sqlite, "checkpoint", "", &[("meterit", "")]).await;
