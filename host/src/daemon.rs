@@ -59,8 +59,6 @@ pub async fn run_with(
 ) -> Result<()> {
     let Runtime { clock, events } = runtime;
     let supervisor = Supervisor::start(config, clock.clone(), events).await?;
-    // Runs until the daemon returns.
-    let _checkpoints = supervisor.queue().checkpoint_in_background().await?;
     let listen = supervisor.config().api.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
