@@ -220,9 +220,8 @@ fn a_whole_document() {
 
 /// Readings at their longest: every number at its most digits and every byte of
 /// every string (the batch's ids too) escaped as `\u00XX`, the second reading with an
-/// attribute after another. The
-/// writes inside a room are checked against it in this debug build only, so a room
-/// reckoned short fails here.
+/// attribute after another. The writes inside a room are checked against it in this
+/// debug build only, so a room reckoned short fails here.
 #[test]
 fn readings_at_their_longest_fit_their_room() {
     let control = "\u{1}".repeat(9);
