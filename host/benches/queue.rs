@@ -1,6 +1,9 @@
 //! Queue benchmark (`cargo xtask bench`): ingest through the local API, and backlog
 //! drain through both real plugins to the reference Client System on loopback, with a
 //! small and a large backlog. Prints a table and writes `target/bench/queue.json`.
+//! The small backlog (10,000) is queued and drained again and again at one site, up to
+//! as many readings in all as the large one holds (at most a million): the same
+//! readings, ids and Client System on both sides, only how many wait at once differs.
 //!
 //! Arguments: `--large N` (default 1000000) readings for the large backlog;
 //! `--postgres URL` to run on that PostgreSQL database instead of SQLite.
@@ -17,8 +20,8 @@ use syncd::reading::NewReading;
 const INGEST_REQUESTS: usize = 200;
 const READINGS_PER_REQUEST: usize = 1000;
 const SMALL_BACKLOG: usize = 10_000;
-/// Runs of the small drain; the median is kept.
-const SMALL_RUNS: usize = 7;
+/// Most drains of the small backlog in a run (see `main`).
+const MAX_SMALL_RUNS: usize = 100;
 
 mod common;
 use common::{
@@ -122,6 +125,9 @@ async fn ingest(bench: &Bench) -> Result<f64> {
 struct Drain {
     /// Readings/s over the whole drain (after the first attempt).
     rate: f64,
+    /// Readings delivered after the first attempt, and the ms they took.
+    measured: usize,
+    span_ms: i64,
     /// Readings/s over the first and the last [`WINDOW`] batches: with the backlog at
     /// its largest, and nearly empty. Their ratio answers, within one run, whether
     /// draining slows down with the size of the backlog.
@@ -206,20 +212,54 @@ fn window_rate(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> f64 {
     readings as f64 / (span_ms as f64 / 1000.0)
 }
 
-async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
-    // A Client System of its own, so that every drain delivers to a sink in the same
-    // state (its store grows with what it receives).
-    let client = bench.fresh_client(name).await?;
-    let config = bench.site_for(name, &client.base_url()).await?;
-    let queue = Queue::open_for(&config).await?;
+/// A site whose backlogs are drained: its database and its own Client System, kept
+/// from one drain to the next.
+struct DrainSite {
+    config: Config,
+    queue: Queue,
+    client: Server,
+    /// Readings queued at the site so far (the next one is `reading(queued)`).
+    queued: usize,
+}
+
+impl Bench {
+    /// A new site whose first reading will be `reading(first)`, with id `first + 1`.
+    /// On PostgreSQL every site shares the database: a new one empties it, and
+    /// `first` is where a site emptied that way starts again.
+    async fn drain_site(&self, name: &str, first: usize) -> Result<DrainSite> {
+        let client = self.fresh_client(name).await?;
+        let config = self.site_for(name, &client.base_url()).await?;
+        let queue = Queue::open_for(&config).await?;
+        start_ids_after(&config, first).await?;
+        Ok(DrainSite {
+            config,
+            queue,
+            client,
+            queued: first,
+        })
+    }
+}
+
+/// Queues the next `n` readings at `site` and runs the daemon until it has delivered
+/// them all.
+async fn drain(site: &mut DrainSite, n: usize) -> Result<Drain> {
+    let DrainSite {
+        config,
+        queue,
+        queued: next,
+        ..
+    } = site;
     let chunk = 10_000;
-    let mut queued = 0;
-    while queued < n {
-        let readings: Vec<NewReading> = (queued..(queued + chunk).min(n)).map(reading).collect();
+    let (first, end) = (*next, *next + n);
+    let mut queued = first;
+    while queued < end {
+        let readings: Vec<NewReading> = (queued..(queued + chunk).min(end)).map(reading).collect();
         queue.enqueue(&readings).await?;
         queued += readings.len();
     }
-    settle(&queue).await?;
+    *next = end;
+    settle().await?;
+    let since_ms = syncd::clock::now_ms();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
         let _ = stopped.await;
@@ -230,12 +270,11 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
             Instant::now() < limit,
             "the backlog did not drain within 10 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop.send(());
     daemon.await??;
-    client.stop().await;
-    let log = queue.sync_log_since(0).await?;
+    let log = queue.sync_log_since(since_ms).await?;
     let first = log.first().context("no attempt logged")?;
     let last = log.last().context("no attempt logged")?;
     let delivered: i64 = log
@@ -272,6 +311,8 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
         .collect();
     Ok(Drain {
         rate: measured as f64 / (span_ms as f64 / 1000.0),
+        measured,
+        span_ms,
         head_and_tail,
         head_split,
         tail_split,
@@ -280,13 +321,35 @@ async fn drain(bench: &Bench, n: usize, name: &str) -> Result<Drain> {
     })
 }
 
-/// Lets the writes of queuing the backlog settle before it is drained: SQLite's
-/// write-ahead log checkpointed into the database, and the kernel's dirty pages written
-/// out. Queuing a million readings in seconds leaves hundreds of megabytes to write
-/// back, which would otherwise compete with the start of the large drain only (a real
-/// backlog builds up over hours); small and large drains are treated alike.
-async fn settle(queue: &Queue) -> Result<()> {
-    queue.checkpoint().await?;
+/// Makes the next reading queued in the PostgreSQL database of `config` get id
+/// `last + 1`, as at a site that has queued `last` readings before (see
+/// [`Bench::drain_site`]). A SQLite site keeps its own file, and its ids with it.
+async fn start_ids_after(config: &Config, last: usize) -> Result<()> {
+    use sea_orm::ConnectionTrait;
+    if last == 0 {
+        return Ok(());
+    }
+    let url = &config.database.url;
+    anyhow::ensure!(
+        !url.starts_with("sqlite"),
+        "a SQLite site starts from its own file's ids"
+    );
+    let db = sea_orm::Database::connect(url).await?;
+    db.execute_unprepared(&format!(
+        "SELECT setval(pg_get_serial_sequence('readings', 'id'), {last})"
+    ))
+    .await?;
+    db.close().await?;
+    Ok(())
+}
+
+/// Lets the writes of queuing the backlog settle before it is drained: the kernel's
+/// dirty pages written out. Queuing a million readings in seconds leaves hundreds of
+/// megabytes to write back, which would otherwise compete with the start of the large
+/// drain only (a real backlog builds up over hours). SQLite's write-ahead log is left
+/// as it is: its checkpoints fall where they fall, into the drains of either size in
+/// proportion to what they write.
+async fn settle() -> Result<()> {
     let synced = tokio::process::Command::new("sync").status().await?;
     anyhow::ensure!(synced.success(), "sync failed: {synced}");
     Ok(())
@@ -302,6 +365,19 @@ fn middle_mean(values: &mut [i64]) -> f64 {
     middle.iter().sum::<i64>() as f64 / middle.len().max(1) as f64
 }
 
+/// Of `sorted` cycles (ms): the median, the 90th and 99th percentiles, the longest,
+/// and the share of all the time taken by the slowest tenth. Where a drain's mean and
+/// its middle part differ, this tells whether a few long batches make the difference.
+fn spread(sorted: &[i64]) -> ([i64; 4], f64) {
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    let total: i64 = sorted.iter().sum();
+    let slowest: i64 = sorted[sorted.len() - sorted.len() / 10..].iter().sum();
+    (
+        [at(0.5), at(0.9), at(0.99), sorted[sorted.len() - 1]],
+        slowest as f64 / total.max(1) as f64,
+    )
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let large = common::number("--large", 1_000_000)?;
@@ -315,32 +391,55 @@ async fn main() -> Result<()> {
 
     eprintln!("bench: ingest, {INGEST_REQUESTS} requests of {READINGS_PER_REQUEST} readings…");
     let ingest_rate = ingest(&bench).await?;
-    // A small backlog drains in well under a second, ten batches: its rate moves with
-    // whatever else the machine does in that moment. Take the median of several runs,
-    // some before the large drain and some after it, so that a drift of the machine's
-    // speed over the run weighs on both sides alike.
+    // The small backlog is drained many times over at one site, as many readings in
+    // all as the large backlog holds (up to a million) and the same readings with the
+    // same ids, into one Client System: what differs between the two sides is only how
+    // many readings wait at once. Half the small drains run before the large one and
+    // half after it, so that a drift of the machine's speed weighs on both sides alike.
+    let small_runs = (large / SMALL_BACKLOG).clamp(2, MAX_SMALL_RUNS);
+    let mut small_site = bench.drain_site("drain-small", 0).await?;
     let mut smalls = Vec::new();
+    let (mut small_measured, mut small_span_ms) = (0, 0);
     let mut small_cycles = Vec::new();
     let mut small_split = Split::default();
-    let mut small_drain = async |run: usize| -> Result<()> {
-        eprintln!("bench: drain, {SMALL_BACKLOG} queued, run {run} of {SMALL_RUNS}…");
-        let drained = drain(&bench, SMALL_BACKLOG, &format!("drain-small-{run}")).await?;
-        smalls.push(drained.rate);
-        small_cycles.extend(drained.cycles);
-        small_split = small_split.add(drained.whole_split);
-        Ok(())
+    let mut small_drains = async |site: &mut DrainSite, runs: std::ops::Range<usize>| {
+        eprintln!(
+            "bench: drain, {SMALL_BACKLOG} queued, runs {} to {} of {small_runs}…",
+            runs.start + 1,
+            runs.end
+        );
+        for _ in runs {
+            let drained = drain(site, SMALL_BACKLOG).await?;
+            smalls.push(drained.rate);
+            small_measured += drained.measured;
+            small_span_ms += drained.span_ms;
+            small_cycles.extend(drained.cycles);
+            small_split = small_split.add(drained.whole_split);
+        }
+        anyhow::Ok(())
     };
-    for run in 1..=SMALL_RUNS.div_ceil(2) {
-        small_drain(run).await?;
-    }
+    small_drains(&mut small_site, 0..small_runs / 2).await?;
     eprintln!("bench: drain, {large} queued…");
-    let mut big_drain = drain(&bench, large, "drain-large").await?;
-    for run in SMALL_RUNS.div_ceil(2) + 1..=SMALL_RUNS {
-        small_drain(run).await?;
+    let mut large_site = bench.drain_site("drain-large", 0).await?;
+    let mut big_drain = drain(&mut large_site, large).await?;
+    large_site.client.stop().await;
+    if postgres.is_some() {
+        // The large site emptied the database they share: the small one starts again
+        // where it was.
+        let queued = small_site.queued;
+        small_site.client.stop().await;
+        small_site = bench.drain_site("drain-small-again", queued).await?;
     }
-    eprintln!("bench: small drains: {smalls:.0?} readings/s");
+    small_drains(&mut small_site, small_runs / 2..small_runs).await?;
+    small_site.client.stop().await;
     smalls.sort_by(f64::total_cmp);
-    let small = smalls[SMALL_RUNS / 2];
+    eprintln!(
+        "bench: small drains, readings/s: slowest {:.0}, median {:.0}, fastest {:.0}",
+        smalls[0],
+        smalls[smalls.len() / 2],
+        smalls[smalls.len() - 1]
+    );
+    let small = small_measured as f64 / (small_span_ms.max(1) as f64 / 1000.0);
     let big = big_drain.rate;
     // The typical batch, small backlog against large: the middle of the cycles is not
     // moved by the few batches a busy moment slows down, which a ten-batch drain cannot
@@ -349,6 +448,8 @@ async fn main() -> Result<()> {
     let tenths = big_drain.tenths();
     let small_cycle = middle_mean(&mut small_cycles);
     let big_cycle = middle_mean(&mut big_drain.cycles);
+    let (small_spread, small_slowest) = spread(&small_cycles);
+    let (big_spread, big_slowest) = spread(&big_drain.cycles);
 
     println!("queue benchmark ({backend}, batches of 1000, release build, loopback)");
     println!("{:<44} {:>14}", "measure", "readings/s");
@@ -373,6 +474,21 @@ async fn main() -> Result<()> {
         "  batch speed large/small (middle 80%)",
         small_cycle / big_cycle
     );
+    for (label, [p50, p90, p99, max], slowest) in [
+        ("small", small_spread, small_slowest),
+        ("large", big_spread, big_slowest),
+    ] {
+        println!(
+            "{:<44} {:>14}",
+            format!("  ms per batch p50/p90/p99/max, {label}"),
+            format!("{p50}/{p90}/{p99}/{max}")
+        );
+        println!(
+            "{:<44} {:>14.2}",
+            format!("  share of time in slowest 10%, {label}"),
+            slowest
+        );
+    }
     // Where a large backlog's extra time per batch goes: into the attempts (encoder,
     // transport, Client System) or between them (syncd's work on the queue).
     let small_split = small_split.per_batch();
@@ -433,6 +549,10 @@ async fn main() -> Result<()> {
         "drain_batch_ms_middle_80_small": small_cycle,
         "drain_batch_ms_middle_80_large": big_cycle,
         "drain_batch_speed_large_over_small": small_cycle / big_cycle,
+        "drain_batch_ms_p50_p90_p99_max_small": small_spread,
+        "drain_batch_ms_p50_p90_p99_max_large": big_spread,
+        "drain_time_share_slowest_10pct_small": small_slowest,
+        "drain_time_share_slowest_10pct_large": big_slowest,
         "drain_attempt_ms_per_batch_small": small_split.0,
         "drain_attempt_ms_per_batch_large": big_split.0,
         "drain_between_ms_per_batch_small": small_split.1,
