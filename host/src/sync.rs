@@ -1271,9 +1271,21 @@ impl Worker {
             Verdict::Unreachable(_) => self.outage_streak.saturating_add(1),
             _ => 0,
         };
+        let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
+        // Whether the batch will be tried again (the match below, keep the two alike).
+        let tried_again = match verdict {
+            Verdict::Accepted | Verdict::Rejected(_) => false,
+            Verdict::Retry { .. } => retries_used <= self.policy.max_retries,
+            Verdict::Unauthorized(_) | Verdict::Unreachable(_) | Verdict::PluginFailed(_) => true,
+        };
         self.publish(|s| {
             s.in_flight = None;
-            s.retry = None;
+            // A batch tried again keeps the retry its attempt before scheduled until
+            // `retry_later` replaces it: a batch failing again and again is never shown
+            // without its retry between two attempts.
+            if !tried_again {
+                s.retry = None;
+            }
             s.last_attempt_ms = Some(started_at_ms);
             s.last_outcome = Some(verdict.label().to_owned());
             *s.metrics.attempts.entry(verdict.label()).or_default() += 1;
@@ -1295,7 +1307,6 @@ impl Worker {
         // outcome is not written either: both are sent again after the pause for
         // the database, and the Client System drops what it already has.
         self.acknowledged_meanwhile().await?;
-        let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
         match verdict {
             // Written once the next batch is recorded, or when the drain ends.
             Verdict::Accepted => {
