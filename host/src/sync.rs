@@ -1272,10 +1272,11 @@ impl Worker {
             _ => 0,
         };
         let retries_used = u32::try_from(number).unwrap_or(u32::MAX);
+        let out_of_retries = retries_used > self.policy.max_retries;
         // Whether the batch will be tried again (the match below, keep the two alike).
         let tried_again = match verdict {
             Verdict::Accepted | Verdict::Rejected(_) => false,
-            Verdict::Retry { .. } => retries_used <= self.policy.max_retries,
+            Verdict::Retry { .. } => !out_of_retries,
             Verdict::Unauthorized(_) | Verdict::Unreachable(_) | Verdict::PluginFailed(_) => true,
         };
         self.publish(|s| {
@@ -1321,7 +1322,7 @@ impl Worker {
                 self.queue.dead_letter(&batch, attempt, &reason).await?;
                 self.publish(|s| s.metrics.readings_dead_lettered += batch.reading_count as u64);
             }
-            Verdict::Retry { reason, .. } if retries_used > self.policy.max_retries => {
+            Verdict::Retry { reason, .. } if out_of_retries => {
                 let reason =
                     format!("out of retries after {number} attempts; last error: {reason}");
                 warn!(%reason, "batch moved to dead letters");

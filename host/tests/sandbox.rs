@@ -375,6 +375,48 @@ async fn misbehaving_plugins_are_marked_failed_and_their_batches_kept() {
     let _ = &mut site;
 }
 
+/// Once a batch failing on its plugin has a retry scheduled, the status never shows it
+/// without one: each attempt's outcome is published with the retry still there, until
+/// the next retry replaces it (a status read between the two used to find none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_again_and_again_always_shows_its_retry() {
+    let mut site = Site::new(
+        "interval = \"100ms\"\nbackoff = { initial = \"10ms\", max = \"20ms\" }\n\
+         [client_system.plugin]\nbehaviour = \"trap\"\n",
+    )
+    .await;
+    site.config.client_systems[0].encoder = plugin("hostile_encoder");
+    site.queue().await.enqueue(&readings(3)).await.unwrap();
+    let daemon = site.start();
+    site.wait_for_api().await;
+    eventually(
+        Duration::from_secs(30),
+        "a first retry scheduled",
+        || async { site.status().await["retry"].is_object() },
+    )
+    .await;
+    // Read the status as fast as it answers while the plugin fails 50 times more.
+    let first = site.status().await["encoder"]["failures_in_a_row"]
+        .as_u64()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (mut reads, mut failures) = (0, first);
+    while failures < first + 50 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the plugin did not fail 50 times more"
+        );
+        let status = site.status().await;
+        assert!(
+            status["retry"].is_object(),
+            "read {reads}: no retry shown after {failures} failures: {status}"
+        );
+        failures = status["encoder"]["failures_in_a_row"].as_u64().unwrap();
+        reads += 1;
+    }
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_later_for_ever_waits_at_most_an_hour() {
     let mut site = Site::new("[client_system.plugin]\nbehaviour = \"retry-forever\"\n").await;
