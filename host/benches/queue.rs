@@ -123,8 +123,6 @@ async fn ingest(bench: &Bench) -> Result<f64> {
 /// which would otherwise weigh on a small backlog far more than on a large one.
 /// What one drain measured.
 struct Drain {
-    /// Readings/s over the whole drain (after the first attempt).
-    rate: f64,
     /// Readings delivered after the first attempt, and the ms they took.
     measured: usize,
     span_ms: i64,
@@ -145,6 +143,11 @@ struct Drain {
 }
 
 impl Drain {
+    /// Readings/s over the whole drain (after the first attempt).
+    fn rate(&self) -> f64 {
+        rate(self.measured, self.span_ms)
+    }
+
     /// Mean ms per batch in each tenth of the drain, first to last: a drain that slowed
     /// down with the size of the backlog would show it as a trend here.
     fn tenths(&self) -> Vec<f64> {
@@ -199,6 +202,11 @@ impl Split {
     }
 }
 
+/// Readings/s of `readings` delivered in `span_ms`.
+fn rate(readings: usize, span_ms: i64) -> f64 {
+    readings as f64 / (span_ms.max(1) as f64 / 1000.0)
+}
+
 /// Batches per window of [`Drain::head_and_tail`].
 const WINDOW: usize = 100;
 
@@ -206,10 +214,9 @@ const WINDOW: usize = 100;
 /// them to the end of the last.
 fn window_rate(before: &syncd_log::Model, rows: &[syncd_log::Model]) -> f64 {
     let last = &rows[rows.len() - 1];
-    let span_ms =
-        (last.started_at_ms + last.duration_ms - before.started_at_ms - before.duration_ms).max(1);
+    let span_ms = last.started_at_ms + last.duration_ms - before.started_at_ms - before.duration_ms;
     let readings: i64 = rows.iter().map(|r| i64::from(r.reading_count)).sum();
-    readings as f64 / (span_ms as f64 / 1000.0)
+    rate(readings as usize, span_ms)
 }
 
 /// A site whose backlogs are drained: its database and its own Client System, kept
@@ -287,7 +294,7 @@ async fn drain(site: &mut DrainSite, n: usize) -> Result<Drain> {
         "{delivered} of {n} readings delivered"
     );
     let warm_from = first.started_at_ms + first.duration_ms;
-    let span_ms = (last.started_at_ms + last.duration_ms - warm_from).max(1);
+    let span_ms = last.started_at_ms + last.duration_ms - warm_from;
     let measured = n - first.reading_count as usize;
     let head_and_tail = (log.len() > 2 * WINDOW + 1).then(|| {
         let head = window_rate(&log[0], &log[1..=WINDOW]);
@@ -310,7 +317,6 @@ async fn drain(site: &mut DrainSite, n: usize) -> Result<Drain> {
         .map(|w| w[1].started_at_ms + w[1].duration_ms - w[0].started_at_ms - w[0].duration_ms)
         .collect();
     Ok(Drain {
-        rate: measured as f64 / (span_ms as f64 / 1000.0),
         measured,
         span_ms,
         head_and_tail,
@@ -369,6 +375,10 @@ fn middle_mean(values: &mut [i64]) -> f64 {
 /// and the share of all the time taken by the slowest tenth. Where a drain's mean and
 /// its middle part differ, this tells whether a few long batches make the difference.
 fn spread(sorted: &[i64]) -> ([i64; 4], f64) {
+    if sorted.is_empty() {
+        // A drain of one batch: no cycle after its first attempt.
+        return ([0; 4], 0.0);
+    }
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
     let total: i64 = sorted.iter().sum();
     let slowest: i64 = sorted[sorted.len() - sorted.len() / 10..].iter().sum();
@@ -410,7 +420,7 @@ async fn main() -> Result<()> {
         );
         for _ in runs {
             let drained = drain(site, SMALL_BACKLOG).await?;
-            smalls.push(drained.rate);
+            smalls.push(drained.rate());
             small_measured += drained.measured;
             small_span_ms += drained.span_ms;
             small_cycles.extend(drained.cycles);
@@ -439,8 +449,8 @@ async fn main() -> Result<()> {
         smalls[smalls.len() / 2],
         smalls[smalls.len() - 1]
     );
-    let small = small_measured as f64 / (small_span_ms.max(1) as f64 / 1000.0);
-    let big = big_drain.rate;
+    let small = rate(small_measured, small_span_ms);
+    let big = big_drain.rate();
     // The typical batch, small backlog against large: the middle of the cycles is not
     // moved by the few batches a busy moment slows down, which a ten-batch drain cannot
     // average out.
