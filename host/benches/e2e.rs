@@ -16,6 +16,7 @@
 //! (`syncd_bench_e2e`, dropped and created) on the server at `SYNCD_TEST_POSTGRES_URL`
 //! (by default the local one); when none answers, that line says so and is skipped.
 
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use anyhow::{Context, Result};
 use client_system::Server;
 use sea_orm::sqlx::{self, Row, SqlitePool};
 use syncd::plugin::bindings::types;
-use syncd::plugin::{PluginContext, PluginEngine};
+use syncd::plugin::{EncoderPlugin, PluginContext, PluginEngine};
 
 /// The same source file the `json_batch` plugin compiles, compiled here natively (it
 /// takes `Readings` and `Strings` from its parent: the host's bindings of the same
@@ -271,13 +272,9 @@ async fn floor_run(dir: &std::path::Path, bodies: &[Vec<u8>], n: usize) -> Resul
     Ok(elapsed)
 }
 
-/// Per-batch cost of encoding 1000 readings: the WASM `json_batch`, the same code
-/// native, and a WASM call that only receives the readings (the `hostile_encoder`
-/// fixture with no behaviour set refuses them at once): what crossing the boundary costs.
-/// All three start from the batch in columns, the encoder's input, which the daemon
-/// lays out from the queue's rows before the call; that layout is timed on its own.
-async fn encoder_costs() -> Result<EncoderCosts> {
-    let readings: Vec<types::Reading> = (0..1000)
+/// The batch every encoder figure is taken on: 1000 readings like the daemon's.
+fn encoder_batch() -> (Vec<types::Reading>, types::BatchInfo) {
+    let readings = (0..1000)
         .map(|i| types::Reading {
             id: i,
             meter_id: format!("elec-{:05}", i % 20_000),
@@ -295,25 +292,115 @@ async fn encoder_costs() -> Result<EncoderCosts> {
         client_system: "meterit".into(),
         attempt: 1,
     };
-    let engine = PluginEngine::new()?;
-    let context = || {
-        PluginContext::new(
-            "bench",
-            "meterit",
-            "http://127.0.0.1:9/",
-            Default::default(),
-            None,
-            Duration::from_secs(1),
-            syncd::daemon::http_client().unwrap(),
-        )
-        .map(Arc::new)
+    (readings, info)
+}
+
+/// The encoder plugin built from the crate `name`, as a Client System's.
+async fn load_encoder(engine: &PluginEngine, name: &str) -> Result<EncoderPlugin> {
+    let context = PluginContext::new(
+        "bench",
+        "meterit",
+        "http://127.0.0.1:9/",
+        Default::default(),
+        None,
+        Duration::from_secs(1),
+        syncd::daemon::http_client()?,
+    )?;
+    engine.load_encoder(&plugin(name), Arc::new(context)).await
+}
+
+/// Instructions per batch of the native and the WASM `json_batch`, counted by
+/// valgrind's callgrind: unlike times, the same from one run to the next whatever
+/// else the machine does. Each side runs in a process of its own ([`encoder_loop`])
+/// twice, for `CALLS` batches and for twice as many; the difference is what `CALLS`
+/// batches cost, without the process's start-up. `None` without valgrind.
+fn encoder_instructions() -> Result<Option<Instructions>> {
+    const CALLS: u64 = 100;
+    let found = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("bench: no valgrind: encoder instructions not counted");
+        return Ok(None);
+    }
+    let exe = std::env::current_exe()?;
+    let counted = |side: &str, calls: u64| -> Result<u64> {
+        let out = Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&exe)
+            .args(["--encoder-loop", side, &calls.to_string()])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(
+            out.status.success(),
+            "callgrind on the {side} encoder failed:\n{stderr}"
+        );
+        stderr
+            .lines()
+            .find_map(|l| {
+                l.split_once("Collected : ")
+                    .map(|(_, n)| n.trim().to_owned())
+            })
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no instruction count in callgrind's output:\n{stderr}"))
     };
-    let mut wasm = engine
-        .load_encoder(&plugin("json_batch"), context()?)
-        .await?;
-    let mut receive_only = engine
-        .load_encoder(&plugin("hostile_encoder"), context()?)
-        .await?;
+    let per_batch = |side: &str| -> Result<f64> {
+        // The first run also compiles the component into the cache, under valgrind's
+        // view of the processor, for the two runs after it.
+        counted(side, 1)?;
+        let (once, twice) = (counted(side, CALLS)?, counted(side, 2 * CALLS)?);
+        Ok(twice.saturating_sub(once) as f64 / CALLS as f64)
+    };
+    Ok(Some(Instructions {
+        native: per_batch("native")?,
+        wasm: per_batch("wasm")?,
+    }))
+}
+
+/// Run under callgrind by [`encoder_instructions`]: `calls` batches encoded by one
+/// side, `native` or `wasm` (the WASM call as the daemon makes it: the batch handed
+/// over, encoded, and the document handed back).
+fn encoder_loop(runtime: &tokio::runtime::Runtime, side: &str, calls: u64) -> Result<()> {
+    runtime.block_on(async {
+        let (readings, info) = encoder_batch();
+        let columns = syncd::plugin::columns(&readings)?;
+        let engine =
+            PluginEngine::new()?.with_cache_dir(common::target_dir().join("bench/encoder-cache"));
+        let mut wasm = load_encoder(&engine, "json_batch").await?;
+        for _ in 0..calls {
+            match side {
+                "native" => {
+                    let body = document::encode_document(&info.batch_id, &info.site_id, &columns);
+                    std::hint::black_box(body.map_err(anyhow::Error::msg)?);
+                }
+                "wasm" => {
+                    let encoded = wasm.encode(&info, &columns).await?;
+                    std::hint::black_box(encoded.map_err(anyhow::Error::msg)?);
+                }
+                other => anyhow::bail!("--encoder-loop native|wasm, not {other}"),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// What [`encoder_instructions`] counted, per batch of 1000 readings.
+struct Instructions {
+    native: f64,
+    wasm: f64,
+}
+
+/// Per-batch cost of encoding 1000 readings: the WASM `json_batch`, the same code
+/// native, and a WASM call that only receives the readings (the `hostile_encoder`
+/// fixture with no behaviour set refuses them at once): what crossing the boundary costs.
+/// All three start from the batch in columns, the encoder's input, which the daemon
+/// lays out from the queue's rows before the call; that layout is timed on its own.
+async fn encoder_costs() -> Result<EncoderCosts> {
+    let (readings, info) = encoder_batch();
+    let engine = PluginEngine::new()?;
+    let mut wasm = load_encoder(&engine, "json_batch").await?;
+    let mut receive_only = load_encoder(&engine, "hostile_encoder").await?;
     const ROUNDS: u32 = 100;
     const TURNS: u32 = 6;
     // Same output, or the comparison is void.
@@ -392,9 +479,18 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if std::env::args().any(|a| a == "--encoder-only") {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--encoder-loop") {
+        let (side, calls) = (args.get(at + 1), args.get(at + 2));
+        let calls = calls
+            .and_then(|c| c.parse().ok())
+            .context("--encoder-loop SIDE CALLS")?;
+        return encoder_loop(&runtime, side.map_or("", String::as_str), calls);
+    }
+    if args.iter().any(|a| a == "--encoder-only") {
         // For work on the encoder: its figures alone, printed, no JSON written.
-        print_encoder(&runtime.block_on(encoder_costs())?);
+        let costs = runtime.block_on(encoder_costs())?;
+        print_encoder(&costs, encoder_instructions()?.as_ref());
         return Ok(());
     }
     runtime.block_on(async {
@@ -426,6 +522,7 @@ fn main() -> Result<()> {
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let (syncd, floor) = (rate(best(&syncd_times)), rate(best(&floor_times)));
         let encoder = encoder_costs().await?;
+        let instructions = encoder_instructions()?;
 
         println!();
         println!("end to end, {n} readings, SQLite (best of {E2E_ROUNDS} each, alternated)");
@@ -441,7 +538,7 @@ fn main() -> Result<()> {
             }
             None => println!("end to end on PostgreSQL: skipped, no server answered"),
         }
-        print_encoder(&encoder);
+        print_encoder(&encoder, instructions.as_ref());
         let json = serde_json::json!({
             "readings": n,
             "syncd_readings_per_s": syncd,
@@ -453,6 +550,9 @@ fn main() -> Result<()> {
             "encoder_wasm_over_native": encoder.wasm.as_secs_f64() / encoder.native.as_secs_f64(),
             "encoder_boundary_us": us(encoder.boundary),
             "encoder_columns_layout_us": us(encoder.layout),
+            "encoder_native_instructions": instructions.as_ref().map(|i| i.native),
+            "encoder_wasm_instructions": instructions.as_ref().map(|i| i.wasm),
+            "encoder_instructions_wasm_over_native": instructions.as_ref().map(|i| i.wasm / i.native),
         });
         common::write_json("e2e", &json)?;
         Ok(())
@@ -460,7 +560,7 @@ fn main() -> Result<()> {
 }
 
 /// The encoder's figures, as a table.
-fn print_encoder(c: &EncoderCosts) {
+fn print_encoder(c: &EncoderCosts, instructions: Option<&Instructions>) {
     println!("encoder, one batch of 1000 readings");
     println!("  native json_batch        {:>10.1} µs", us(c.native));
     println!("  WASM json_batch          {:>10.1} µs", us(c.wasm));
@@ -477,4 +577,12 @@ fn print_encoder(c: &EncoderCosts) {
         "  laying out the columns   {:>10.1} µs (host, before either encoder)",
         us(c.layout)
     );
+    match instructions {
+        Some(i) => {
+            println!("  instructions, native     {:>10.0} (callgrind)", i.native);
+            println!("  instructions, WASM       {:>10.0} (callgrind)", i.wasm);
+            println!("  instructions WASM/native {:>10.2}", i.wasm / i.native);
+        }
+        None => println!("  instructions: not counted, no valgrind"),
+    }
 }

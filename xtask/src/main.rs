@@ -168,6 +168,11 @@ fn bench(ws: &Workspace, extra: &[String]) -> Result<()> {
         "target: at most 1.3",
     );
     show(
+        "encoder, instructions WASM / native",
+        figure("/e2e/encoder_instructions_wasm_over_native"),
+        "counted by callgrind: steady from run to run",
+    );
+    show(
         "drain speed, large backlog / small",
         figure("/queue/drain_ratio_large_over_small"),
         "target: about 1",
