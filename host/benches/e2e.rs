@@ -12,6 +12,10 @@
 //! posts them with one HTTP client and deletes them. No plugins, no ORM, no batch
 //! records, no sync log, no retries.
 //!
+//! The encoder's figures are times, and, when valgrind is installed, instructions per
+//! batch counted by callgrind (`--encoder-loop`): the same from run to run, where the
+//! times move by a tenth or more on a shared machine.
+//!
 //! syncd also does the same work on PostgreSQL, in a database of its own
 //! (`syncd_bench_e2e`, dropped and created) on the server at `SYNCD_TEST_POSTGRES_URL`
 //! (by default the local one); when none answers, that line says so and is skipped.
