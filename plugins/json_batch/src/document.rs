@@ -54,13 +54,13 @@ pub fn encode_document(
     readings: &Readings,
 ) -> Result<Vec<u8>, String> {
     let n = readings.ids.len();
-    let mut meter_ids = Column::new("meter-ids", &readings.meter_ids, n)?;
-    let mut channels = Column::new("channels", &readings.channels, n)?;
-    let mut units = Column::new("units", &readings.units, n)?;
-    let mut qualities = Column::new("qualities", &readings.qualities, n)?;
+    let meter_ids = Column::new("meter-ids", &readings.meter_ids, n)?;
+    let channels = Column::new("channels", &readings.channels, n)?;
+    let units = Column::new("units", &readings.units, n)?;
+    let qualities = Column::new("qualities", &readings.qualities, n)?;
     let pairs = readings.attribute_ends.last().map_or(0, |&e| e as usize);
-    let mut keys = Column::new("attribute-keys", &readings.attribute_keys, pairs)?;
-    let mut values = Column::new("attribute-values", &readings.attribute_values, pairs)?;
+    let keys = Column::new("attribute-keys", &readings.attribute_keys, pairs)?;
+    let values = Column::new("attribute-values", &readings.attribute_values, pairs)?;
     if readings.timestamps_ms.len() != n
         || readings.values.len() != n
         || readings.attribute_ends.len() != n
@@ -80,30 +80,36 @@ pub fn encode_document(
     unsafe {
         out.write(head, |c| {
             c.literal(b"{\"batch_id\":");
-            c.string(batch_id);
+            c.string(batch_id.as_bytes());
             c.literal(b",\"site_id\":");
-            c.string(site_id);
+            c.string(site_id.as_bytes());
             c.literal(b",\"readings\":[");
         })
     };
+    // The readings are read by index, one for every column, rather than through an
+    // iterator each: one counter kept instead of a pointer per column (WebAssembly code
+    // runs short of registers first, and spills the rest to the stack).
     let mut pair = 0;
-    let numbers = readings
-        .ids
-        .iter()
-        .zip(&readings.timestamps_ms)
-        .zip(&readings.values)
-        .zip(&readings.attribute_ends);
-    for (i, (((&id, &timestamp), &value), &end)) in numbers.enumerate() {
-        let meter_id = meter_ids
-            .next(i)
-            .ok_or_else(|| out_of_place("meter-ids", i))?;
-        let channel = channels
-            .next(i)
-            .ok_or_else(|| out_of_place("channels", i))?;
-        let unit = units.next(i).ok_or_else(|| out_of_place("units", i))?;
-        let quality = qualities
-            .next(i)
-            .ok_or_else(|| out_of_place("qualities", i))?;
+    for i in 0..n {
+        // SAFETY: `i < n`, and every one of these columns holds `n` entries (checked
+        // above).
+        let (id, timestamp, value, end) = unsafe {
+            (
+                *readings.ids.get_unchecked(i),
+                *readings.timestamps_ms.get_unchecked(i),
+                *readings.values.get_unchecked(i),
+                *readings.attribute_ends.get_unchecked(i) as usize,
+            )
+        };
+        // SAFETY: `i < n`, these columns' length.
+        let (meter_id, channel, unit, quality) = unsafe {
+            (
+                meter_ids.get(i),
+                channels.get(i),
+                units.get(i),
+                qualities.get(i),
+            )
+        };
         let text = meter_id.len() + channel.len() + unit.len() + quality.len();
         // Written straight through a cursor, not in a closure: the compiler keeps a
         // closure this size out of line, and its cursor in memory.
@@ -129,17 +135,16 @@ pub fn encode_document(
         c.literal(b",\"attributes\":{");
         let written = c.at;
         out.advance(written);
-        let end = end as usize;
         if end < pair {
             return Err(format!("attribute ends decrease at reading {i}"));
         }
+        if end > pairs {
+            // Past the last reading's end: a later one decreases.
+            return Err(format!("attribute ends decrease after reading {i}"));
+        }
         for j in pair..end {
-            let key = keys
-                .next(j)
-                .ok_or_else(|| out_of_place("attribute-keys", j))?;
-            let value = values
-                .next(j)
-                .ok_or_else(|| out_of_place("attribute-values", j))?;
+            // SAFETY: `j < end <= pairs`, the attribute columns' length.
+            let (key, value) = unsafe { (keys.get(j), values.get(j)) };
             let mut c = unsafe { out.room(2 + string_room(key.len()) + string_room(value.len())) };
             if j > pair {
                 c.byte(b',');
@@ -163,14 +168,15 @@ pub fn encode_document(
     Ok(out.into_bytes())
 }
 
-/// One column of strings, checked to hold `len` of them, read in order. It keeps as
-/// little as it can (its name is given again on error): every value a loop keeps is a
-/// register taken from it, and WebAssembly code runs short of registers first.
+/// One column of strings, checked to hold `len` of them, each in place: its end not
+/// before its start (the end before it, 0 for the first), within the text, and on a
+/// character boundary. Read by index without further checks. It keeps no position of
+/// its own: string `i` starts where string `i - 1` ends, read again from `ends`, which
+/// costs a load where a position kept would cost a register (or, once they run out, a
+/// store and a load).
 struct Column<'a> {
+    text: &'a [u8],
     ends: &'a [u32],
-    /// What is not read yet, and where it starts in the column's text.
-    rest: &'a str,
-    consumed: usize,
 }
 
 impl<'a> Column<'a> {
@@ -181,25 +187,91 @@ impl<'a> Column<'a> {
                 strings.ends.len()
             ));
         }
+        let text = strings.text.as_bytes();
+        if !in_place(text, &strings.ends) {
+            return Err(first_out_of_place(name, &strings.text, &strings.ends));
+        }
         Ok(Self {
+            text,
             ends: &strings.ends,
-            rest: &strings.text,
-            consumed: 0,
         })
     }
 
-    /// String `i`, the one after the last one taken; `None` if its end is out of place
-    /// (before its start, past the text, or inside a character).
+    /// String `i`'s bytes.
+    ///
+    /// # Safety
+    /// `i` is under the column's `len`.
     #[inline(always)]
-    fn next(&mut self, i: usize) -> Option<&'a str> {
-        let end = self.ends[i] as usize;
-        let (string, rest) = self
-            .rest
-            .split_at_checked(end.checked_sub(self.consumed)?)?;
-        self.consumed = end;
-        self.rest = rest;
-        Some(string)
+    unsafe fn get(&self, i: usize) -> &'a [u8] {
+        // SAFETY: `i` and `i - 1` are in the column (the caller's promise), and its ends
+        // do not decrease and lie within the text (checked by `new`).
+        unsafe {
+            let start = match i {
+                0 => 0,
+                _ => *self.ends.get_unchecked(i - 1) as usize,
+            };
+            let end = *self.ends.get_unchecked(i) as usize;
+            self.text.get_unchecked(start..end)
+        }
     }
+}
+
+/// Whether every end of `ends` is in place in `text` (see [`Column`]). Written for the
+/// common case, a text of ASCII only, where every end within it is a character
+/// boundary: a pass over the ends and one over the text, each without a branch per
+/// item, several items a turn (a loop costs an interruption check per turn in
+/// WebAssembly).
+fn in_place(text: &[u8], ends: &[u32]) -> bool {
+    let mut decreases = false;
+    let mut start = 0;
+    let mut fours = ends.chunks_exact(4);
+    for four in &mut fours {
+        let [a, b, c, d] = [four[0], four[1], four[2], four[3]];
+        decreases |= (a < start) | (b < a) | (c < b) | (d < c);
+        start = d;
+    }
+    for &end in fours.remainder() {
+        decreases |= end < start;
+        start = end;
+    }
+    if decreases || start as usize > text.len() {
+        return false;
+    }
+    ascii(text) || ends.iter().all(|&end| boundary(text, end as usize))
+}
+
+/// Whether `text` is ASCII only.
+fn ascii(text: &[u8]) -> bool {
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut any = 0;
+    let mut words = text.chunks_exact(32);
+    for w in &mut words {
+        any |= word8(w, 0) | word8(w, 8) | word8(w, 16) | word8(w, 24);
+    }
+    let rest = words.remainder();
+    any & HIGHS == 0 && rest.is_ascii()
+}
+
+/// Whether `at` (at most the text's length) starts a character or ends the text.
+#[inline(always)]
+fn boundary(text: &[u8], at: usize) -> bool {
+    // A character starts with any byte but 0b10xxxxxx.
+    text.get(at).is_none_or(|&b| (b as i8) >= -0x40)
+}
+
+/// The error for the first string of a column out of place (the rare case).
+#[cold]
+#[inline(never)]
+fn first_out_of_place(name: &str, text: &str, ends: &[u32]) -> String {
+    let mut start = 0;
+    for (i, &end) in ends.iter().enumerate() {
+        let end = end as usize;
+        if end < start || !text.is_char_boundary(end) {
+            return out_of_place(name, i);
+        }
+        start = end;
+    }
+    unreachable!("a column found out of place has a string out of place")
 }
 
 /// The error for string `i` of column `name` out of place.
@@ -339,10 +411,9 @@ impl<'a> Cursor<'a> {
         self.at += n;
     }
 
-    /// Appends `s` as a JSON string literal.
+    /// Appends the text `bytes` (UTF-8) as a JSON string literal.
     #[inline(always)]
-    pub(crate) fn string(&mut self, s: &str) {
-        let bytes = s.as_bytes();
+    pub(crate) fn string(&mut self, bytes: &[u8]) {
         let n = bytes.len();
         let room = self.ahead(n + 2);
         room[0] = b'"';

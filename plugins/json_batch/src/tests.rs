@@ -81,7 +81,7 @@ fn integers_and_escapes() {
         i64::MIN.to_string()
     );
     for text in &texts() {
-        let got = written(string_room(text.len()), |c| c.string(text));
+        let got = written(string_room(text.len()), |c| c.string(text.as_bytes()));
         assert_eq!(got, quoted(text), "{text:?}");
     }
 }
@@ -319,6 +319,29 @@ fn columns_that_do_not_hold_together_are_refused() {
     r.attribute_ends = vec![2, 1, 2];
     let err = crate::encode_document("b", "s", &r).unwrap_err();
     assert_eq!(err, "attribute ends decrease at reading 1");
+
+    // An end past the last reading's: reading 0's attributes would lie beyond the
+    // attribute columns.
+    let mut r = two_readings();
+    r.attribute_ends = vec![5, 2];
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "attribute ends decrease after reading 0");
+
+    // Out of place in a text of ASCII only (checked without looking at characters).
+    let mut r = two_readings();
+    r.units.ends = vec![3, 2];
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "string 1 of column units is out of place");
+
+    // Inside a character of a long text (past the 32 bytes checked a word at a time).
+    let mut r = two_readings();
+    let long = "x".repeat(40);
+    r.meter_ids = strings(&[&long, &format!("{long}ü")]);
+    r.meter_ids.ends[1] -= 1;
+    let err = crate::encode_document("b", "s", &r).unwrap_err();
+    assert_eq!(err, "string 1 of column meter-ids is out of place");
+    r.meter_ids.ends[1] += 1;
+    assert!(crate::encode_document("b", "s", &r).is_ok());
 
     let mut r = two_readings();
     r.qualities.ends.pop();
