@@ -350,8 +350,8 @@ fn encoder_instructions() -> Result<Option<Instructions>> {
             .with_context(|| format!("no instruction count in callgrind's output:\n{stderr}"))
     };
     let per_batch = |side: &str| -> Result<f64> {
-        // The first run also compiles the component into the cache, under valgrind's
-        // view of the processor, for the two runs after it.
+        // The first run of the WASM side also compiles the component into the cache,
+        // under valgrind's view of the processor, for the two runs after it.
         counted(side, 1)?;
         let (once, twice) = (counted(side, CALLS)?, counted(side, 2 * CALLS)?);
         Ok(twice.saturating_sub(once) as f64 / CALLS as f64)
@@ -369,21 +369,23 @@ fn encoder_loop(runtime: &tokio::runtime::Runtime, side: &str, calls: u64) -> Re
     runtime.block_on(async {
         let (readings, info) = encoder_batch();
         let columns = syncd::plugin::columns(&readings)?;
-        let engine =
-            PluginEngine::new()?.with_cache_dir(common::target_dir().join("bench/encoder-cache"));
-        let mut wasm = load_encoder(&engine, "json_batch").await?;
-        for _ in 0..calls {
-            match side {
-                "native" => {
+        match side {
+            "native" => {
+                for _ in 0..calls {
                     let body = document::encode_document(&info.batch_id, &info.site_id, &columns);
                     std::hint::black_box(body.map_err(anyhow::Error::msg)?);
                 }
-                "wasm" => {
+            }
+            "wasm" => {
+                let engine = PluginEngine::new()?
+                    .with_cache_dir(common::target_dir().join("bench/encoder-cache"));
+                let mut wasm = load_encoder(&engine, "json_batch").await?;
+                for _ in 0..calls {
                     let encoded = wasm.encode(&info, &columns).await?;
                     std::hint::black_box(encoded.map_err(anyhow::Error::msg)?);
                 }
-                other => anyhow::bail!("--encoder-loop native|wasm, not {other}"),
             }
+            other => anyhow::bail!("--encoder-loop native|wasm, not {other}"),
         }
         Ok(())
     })
