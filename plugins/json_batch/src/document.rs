@@ -86,6 +86,36 @@ pub fn encode_document(
             c.literal(b",\"readings\":[");
         })
     };
+    // Text in which no character needs escaping (the common case, checked for each
+    // column as a whole by `Column::new`) is copied without looking for any.
+    let columns = [&meter_ids, &channels, &units, &qualities, &keys, &values];
+    if columns.iter().all(|c| c.plain) {
+        write_readings::<false>(&mut out, readings, &columns, pairs)?;
+    } else {
+        write_readings::<true>(&mut out, readings, &columns, pairs)?;
+    }
+    unsafe {
+        out.write(4, |c| {
+            if n > 0 {
+                c.literal(b"}}");
+            }
+            c.literal(b"]}");
+        })
+    };
+    Ok(out.into_bytes())
+}
+
+/// Writes every reading of the batch, the columns checked to hold together (see
+/// [`encode_document`]). `ESCAPES`: whether the strings may hold characters to escape;
+/// `false` only when no column's text holds any.
+#[inline(always)]
+fn write_readings<const ESCAPES: bool>(
+    out: &mut Writer,
+    readings: &Readings,
+    [meter_ids, channels, units, qualities, keys, values]: &[&Column<'_>; 6],
+    pairs: usize,
+) -> Result<(), String> {
+    let n = readings.ids.len();
     // The readings are read by index, one for every column, rather than through an
     // iterator each: one counter kept instead of a pointer per column (WebAssembly code
     // runs short of registers first, and spills the rest to the stack).
@@ -121,17 +151,17 @@ pub fn encode_document(
         c.literal(b"{\"id\":");
         c.u64(id);
         c.literal(b",\"meter_id\":");
-        c.string(meter_id);
+        c.text::<ESCAPES>(meter_id);
         c.literal(b",\"channel\":");
-        c.string(channel);
+        c.text::<ESCAPES>(channel);
         c.literal(b",\"timestamp\":");
         c.i64(timestamp);
         c.literal(b",\"value\":");
         c.f64(value);
         c.literal(b",\"unit\":");
-        c.string(unit);
+        c.text::<ESCAPES>(unit);
         c.literal(b",\"quality\":");
-        c.string(quality);
+        c.text::<ESCAPES>(quality);
         c.literal(b",\"attributes\":{");
         let written = c.at;
         out.advance(written);
@@ -149,23 +179,15 @@ pub fn encode_document(
             if j > pair {
                 c.byte(b',');
             }
-            c.string(key);
+            c.text::<ESCAPES>(key);
             c.byte(b':');
-            c.string(value);
+            c.text::<ESCAPES>(value);
             let written = c.at;
             out.advance(written);
         }
         pair = end;
     }
-    unsafe {
-        out.write(4, |c| {
-            if n > 0 {
-                c.literal(b"}}");
-            }
-            c.literal(b"]}");
-        })
-    };
-    Ok(out.into_bytes())
+    Ok(())
 }
 
 /// One column of strings, checked to hold `len` of them, each in place: its end not
@@ -177,6 +199,8 @@ pub fn encode_document(
 struct Column<'a> {
     text: &'a [u8],
     ends: &'a [u32],
+    /// Whether no character of the text needs escaping in JSON.
+    plain: bool,
 }
 
 impl<'a> Column<'a> {
@@ -188,12 +212,14 @@ impl<'a> Column<'a> {
             ));
         }
         let text = strings.text.as_bytes();
-        if !in_place(text, &strings.ends) {
+        let scan = Scan::of(text);
+        if !in_place(text, &strings.ends, scan.ascii) {
             return Err(first_out_of_place(name, &strings.text, &strings.ends));
         }
         Ok(Self {
             text,
             ends: &strings.ends,
+            plain: scan.plain,
         })
     }
 
@@ -216,12 +242,11 @@ impl<'a> Column<'a> {
     }
 }
 
-/// Whether every end of `ends` is in place in `text` (see [`Column`]). Written for the
-/// common case, a text of ASCII only, where every end within it is a character
-/// boundary: a pass over the ends and one over the text, each without a branch per
-/// item, several items a turn (a loop costs an interruption check per turn in
-/// WebAssembly).
-fn in_place(text: &[u8], ends: &[u32]) -> bool {
+/// Whether every end of `ends` is in place in `text` (see [`Column`]), `ascii` telling
+/// whether the text is ASCII only (the common case, where every end within it is a
+/// character boundary). One pass over the ends without a branch per end, four a turn (a
+/// loop costs an interruption check per turn in WebAssembly).
+fn in_place(text: &[u8], ends: &[u32], ascii: bool) -> bool {
     let mut decreases = false;
     let mut start = 0;
     let mut fours = ends.chunks_exact(4);
@@ -237,19 +262,43 @@ fn in_place(text: &[u8], ends: &[u32]) -> bool {
     if decreases || start as usize > text.len() {
         return false;
     }
-    ascii(text) || ends.iter().all(|&end| boundary(text, end as usize))
+    ascii || ends.iter().all(|&end| boundary(text, end as usize))
 }
 
-/// Whether `text` is ASCII only.
-fn ascii(text: &[u8]) -> bool {
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let mut any = 0;
-    let mut words = text.chunks_exact(32);
-    for w in &mut words {
-        any |= word8(w, 0) | word8(w, 8) | word8(w, 16) | word8(w, 24);
+/// What one pass over a column's text finds: whether it is ASCII only, and whether no
+/// character of it needs escaping in JSON. Read 32 bytes a turn, with no branch but the
+/// loop's.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Scan {
+    pub(crate) ascii: bool,
+    pub(crate) plain: bool,
+}
+
+impl Scan {
+    pub(crate) fn of(text: &[u8]) -> Self {
+        let (mut any, mut special) = (0, 0);
+        let mut turn = |w: &[u8]| {
+            let words = [word8(w, 0), word8(w, 8), word8(w, 16), word8(w, 24)];
+            any |= words[0] | words[1] | words[2] | words[3];
+            special |= escape_bits(words[0])
+                | escape_bits(words[1])
+                | escape_bits(words[2])
+                | escape_bits(words[3]);
+        };
+        let mut chunks = text.chunks_exact(32);
+        for w in &mut chunks {
+            turn(w);
+        }
+        // The rest after spaces, which are ASCII and need no escaping.
+        let rest = chunks.remainder();
+        let mut last = [b' '; 32];
+        last[..rest.len()].copy_from_slice(rest);
+        turn(&last);
+        Self {
+            ascii: any & HIGHS == 0,
+            plain: special & HIGHS == 0,
+        }
     }
-    let rest = words.remainder();
-    any & HIGHS == 0 && rest.is_ascii()
 }
 
 /// Whether `at` (at most the text's length) starts a character or ends the text.
@@ -414,10 +463,17 @@ impl<'a> Cursor<'a> {
     /// Appends the text `bytes` (UTF-8) as a JSON string literal.
     #[inline(always)]
     pub(crate) fn string(&mut self, bytes: &[u8]) {
+        self.text::<true>(bytes);
+    }
+
+    /// Appends the text `bytes` (UTF-8) as a JSON string literal, looking for
+    /// characters to escape only if `ESCAPES` (`false` for a text known to hold none).
+    #[inline(always)]
+    fn text<const ESCAPES: bool>(&mut self, bytes: &[u8]) {
         let n = bytes.len();
         let room = self.ahead(n + 2);
         room[0] = b'"';
-        if copy_plain(bytes, &mut room[1..n + 1]) {
+        if copy_plain::<ESCAPES>(bytes, &mut room[1..n + 1]) {
             room[n + 1] = b'"';
             self.at += n + 2;
         } else {
@@ -613,8 +669,11 @@ fn digits8(v: u32) -> u64 {
 
 /// Copies `from` into `to` (of the same length) if none of its bytes needs escaping
 /// in JSON, in pieces of fixed size; `false` when one does (`to` is then garbage).
+/// Without `ESCAPES` it copies and looks at nothing: the caller knows `from` holds no
+/// byte to escape.
 #[inline(always)]
-fn copy_plain(from: &[u8], to: &mut [u8]) -> bool {
+fn copy_plain<const ESCAPES: bool>(from: &[u8], to: &mut [u8]) -> bool {
+    let needs_escape = |word| ESCAPES && needs_escape(word);
     let n = from.len();
     if n > 16 {
         let mut i = 0;
@@ -674,14 +733,25 @@ fn word8(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Whether any of the eight bytes of `word` is a control character, `"` or `\`.
+/// Whether any of the eight bytes of `word` is a control character, `"` or `\\`.
 #[inline(always)]
 fn needs_escape(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
-    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
-    below_space
-        || zero_byte(word ^ (ONES * u64::from(b'"')))
-        || zero_byte(word ^ (ONES * u64::from(b'\\')))
+    escape_bits(word) & HIGHS != 0
 }
+
+/// The high bit of each byte of `word` that is a control character, `"` or `\\`, among
+/// others: masked with [`HIGHS`], zero exactly when none of the eight bytes is one, and
+/// so for the bits of several words or-ed together.
+#[inline(always)]
+fn escape_bits(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // Bytes below `n` (at most 0x80) set their high bit here; a byte at or above it sets
+    // its own only after one below it, by the borrow.
+    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v;
+    below(word, 0x20)
+        | below(word ^ (ONES * u64::from(b'"')), 1)
+        | below(word ^ (ONES * u64::from(b'\\')), 1)
+}
+
+/// The high bit of each of eight bytes.
+const HIGHS: u64 = 0x8080_8080_8080_8080;

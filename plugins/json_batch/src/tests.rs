@@ -1,6 +1,6 @@
 //! The document's pieces against what they must equal, natively (`cargo test`).
 
-use crate::document::{Cursor, NUMBER_ROOM, VALUE_ROOM, Writer, string_room};
+use crate::document::{Cursor, NUMBER_ROOM, Scan, VALUE_ROOM, Writer, string_room};
 
 /// What `piece` writes, given `room` bytes.
 fn written(room: usize, piece: impl FnOnce(&mut Cursor<'_>)) -> String {
@@ -138,7 +138,60 @@ fn quoted(text: &str) -> String {
 /// strings are read in words past their ends (and the last ones are not).
 #[test]
 fn strings_in_a_document_are_written_as_alone() {
-    let texts = texts();
+    strings_written_as_alone(&texts());
+}
+
+/// The same with no string needing escape: the document is then written without
+/// looking for any.
+#[test]
+fn strings_without_escapes_in_a_document_are_written_as_alone() {
+    let texts = texts()
+        .into_iter()
+        .filter(|t| quoted(t) == format!("\"{t}\""))
+        .collect::<Vec<_>>();
+    assert!(texts.len() > 20);
+    strings_written_as_alone(&texts);
+}
+
+/// Texts longer than a turn of [`Scan`], with a character needing escape, or one not
+/// ASCII, at each place, and without.
+#[test]
+fn a_scan_finds_every_character_to_escape_and_every_one_not_ascii() {
+    let mut checked = 0;
+    for len in 0..70 {
+        let plain: Vec<char> = (0..len).map(|i| (b' ' + (i % 95) as u8) as char).collect();
+        // The printable ASCII characters with `"` and `\` taken out.
+        let plain: Vec<char> = plain
+            .into_iter()
+            .map(|c| if c == '"' || c == '\\' { 'x' } else { c })
+            .collect();
+        let text: String = plain.iter().collect();
+        assert_eq!(
+            Scan::of(text.as_bytes()),
+            Scan {
+                ascii: true,
+                plain: true
+            },
+            "{text:?}"
+        );
+        for at in 0..len {
+            for special in ['"', '\\', '\n', '\u{1f}', '\u{0}', 'é', '\u{7f}', '\u{80}'] {
+                let mut text = plain.clone();
+                text[at] = special;
+                let text: String = text.into_iter().collect();
+                let expected = Scan {
+                    ascii: text.is_ascii(),
+                    plain: quoted(&text) == format!("\"{text}\""),
+                };
+                assert_eq!(Scan::of(text.as_bytes()), expected, "{text:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 8 * (0..70).sum::<usize>());
+}
+
+fn strings_written_as_alone(texts: &[String]) {
     let n = texts.len();
     let nth = |i: usize, shift: usize| texts[(i + shift) % n].as_str();
     let column = |shift: usize| strings(&(0..n).map(|i| nth(i, shift)).collect::<Vec<_>>());
