@@ -204,6 +204,9 @@ struct Column<'a> {
 }
 
 impl<'a> Column<'a> {
+    // WebAssembly's SIMD for the scan of the text (`Scan::of`, inlined here); wasmtime
+    // compiles it for any x86-64 (SSE2) and ARM64.
+    #[cfg_attr(target_family = "wasm", target_feature(enable = "simd128"))]
     fn new(name: &'static str, strings: &'a Strings, len: usize) -> Result<Self, String> {
         if strings.ends.len() != len {
             return Err(format!(
@@ -276,27 +279,28 @@ pub(crate) struct Scan {
 
 impl Scan {
     pub(crate) fn of(text: &[u8]) -> Self {
-        let (mut any, mut special) = (0, 0);
-        let mut turn = |w: &[u8]| {
-            let words = [word8(w, 0), word8(w, 8), word8(w, 16), word8(w, 24)];
-            any |= words[0] | words[1] | words[2] | words[3];
-            special |= escape_bits(words[0])
-                | escape_bits(words[1])
-                | escape_bits(words[2])
-                | escape_bits(words[3]);
+        // Byte by byte in lanes of 32, which the compiler turns into vector operations
+        // (SSE2 natively, WebAssembly's SIMD in the plugin: see `Column::new`): each
+        // lane or-ed with its bytes, and marked by any byte to escape.
+        const LANES: usize = 32;
+        let (mut any, mut special) = ([0u8; LANES], [0u8; LANES]);
+        let mut turn = |chunk: &[u8; LANES]| {
+            for ((a, s), &b) in any.iter_mut().zip(&mut special).zip(chunk) {
+                *a |= b;
+                *s |= u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
+            }
         };
-        let mut chunks = text.chunks_exact(32);
-        for w in &mut chunks {
-            turn(w);
+        let (chunks, rest) = text.as_chunks::<LANES>();
+        for chunk in chunks {
+            turn(chunk);
         }
         // The rest after spaces, which are ASCII and need no escaping.
-        let rest = chunks.remainder();
-        let mut last = [b' '; 32];
+        let mut last = [b' '; LANES];
         last[..rest.len()].copy_from_slice(rest);
         turn(&last);
         Self {
-            ascii: any & HIGHS == 0,
-            plain: special & HIGHS == 0,
+            ascii: any.iter().fold(0, |x, &a| x | a) < 0x80,
+            plain: special.iter().all(|&s| s == 0),
         }
     }
 }
@@ -736,22 +740,11 @@ fn word8(bytes: &[u8], at: usize) -> u64 {
 /// Whether any of the eight bytes of `word` is a control character, `"` or `\\`.
 #[inline(always)]
 fn needs_escape(word: u64) -> bool {
-    escape_bits(word) & HIGHS != 0
-}
-
-/// The high bit of each byte of `word` that is a control character, `"` or `\\`, among
-/// others: masked with [`HIGHS`], zero exactly when none of the eight bytes is one, and
-/// so for the bits of several words or-ed together.
-#[inline(always)]
-fn escape_bits(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
-    // Bytes below `n` (at most 0x80) set their high bit here; a byte at or above it sets
-    // its own only after one below it, by the borrow.
-    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v;
-    below(word, 0x20)
-        | below(word ^ (ONES * u64::from(b'"')), 1)
-        | below(word ^ (ONES * u64::from(b'\\')), 1)
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
+    below_space
+        || zero_byte(word ^ (ONES * u64::from(b'"')))
+        || zero_byte(word ^ (ONES * u64::from(b'\\')))
 }
-
-/// The high bit of each of eight bytes.
-const HIGHS: u64 = 0x8080_8080_8080_8080;
