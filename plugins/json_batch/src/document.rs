@@ -278,10 +278,14 @@ pub(crate) struct Scan {
 }
 
 impl Scan {
+    /// Always inlined: `Column::new` is where the plugin's build enables SIMD, and only
+    /// code compiled inside it gets it.
+    #[inline(always)]
     pub(crate) fn of(text: &[u8]) -> Self {
         // Byte by byte in lanes of 32, which the compiler turns into vector operations
         // (SSE2 natively, WebAssembly's SIMD in the plugin: see `Column::new`): each
-        // lane or-ed with its bytes, and marked by any byte to escape.
+        // lane or-ed with its bytes, and marked by any byte to escape (the bytes
+        // `escaped` writes otherwise; `needs_escape` is the same test eight at a time).
         const LANES: usize = 32;
         let (mut any, mut special) = ([0u8; LANES], [0u8; LANES]);
         let mut turn = |chunk: &[u8; LANES]| {
@@ -737,7 +741,7 @@ fn word8(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Whether any of the eight bytes of `word` is a control character, `"` or `\\`.
+/// Whether any of the eight bytes of `word` is a control character, `"` or `\`.
 #[inline(always)]
 fn needs_escape(word: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
