@@ -1379,25 +1379,40 @@ async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
     }
     // One statement, not a query per table: each is a round trip to the database (on
     // SQLite, to the thread that owns the connection), several per batch delivered.
-    // Readings up to the least progress of any Client System go, except those of a
-    // batch still recorded or of a dead letter (from the first such reading on; with
-    // none, the bound is `id + 1`, no bound). With no Client System registered, the
-    // first bound is NULL and nothing goes.
+    let backend = txn.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => PRUNE_POSTGRES,
+        _ => PRUNE_SQLITE,
+    };
     let deleted = txn
-        .execute_raw(Statement::from_string(
-            txn.get_database_backend(),
-            PRUNE_SQL,
-        ))
+        .execute_raw(Statement::from_string(backend, sql))
         .await
         .context("failed to prune readings")?;
     Ok(deleted.rows_affected())
 }
 
-/// Deletes the readings no Client System still needs (see [`prune`]).
-const PRUNE_SQL: &str = "DELETE FROM readings \
-     WHERE id <= (SELECT MIN(batched_through) FROM client_systems) \
-       AND id < COALESCE((SELECT MIN(first_reading_id) FROM batches), id + 1) \
-       AND id < COALESCE((SELECT MIN(first_reading_id) FROM dead_letters), id + 1)";
+/// Deletes the readings no Client System still needs (see [`prune`]): those up to the
+/// least progress of any Client System, and before the first reading of any batch still
+/// recorded or of any dead letter. With no Client System registered nothing goes (ids
+/// start at 1). The three bounds are folded into one, so that the scan of the table
+/// stops at the first reading kept: as three conditions, SQLite stopped at the first
+/// only, and went on through the readings of the batch read ahead, which the next
+/// acknowledgement deletes (about 1000 rows more read each time, a quarter of the
+/// statement's time). The two backends spell the least of the three
+/// differently (SQLite's `min` of several values, PostgreSQL's `LEAST`).
+macro_rules! prune_sql {
+    ($least:literal) => {
+        concat!(
+            "DELETE FROM readings WHERE id <= ",
+            $least,
+            "(COALESCE((SELECT MIN(batched_through) FROM client_systems), 0), \
+              COALESCE((SELECT MIN(first_reading_id) FROM batches) - 1, 9223372036854775807), \
+              COALESCE((SELECT MIN(first_reading_id) FROM dead_letters) - 1, 9223372036854775807))"
+        )
+    };
+}
+const PRUNE_SQLITE: &str = prune_sql!("min");
+const PRUNE_POSTGRES: &str = prune_sql!("LEAST");
 
 /// The acknowledgement's statements on SQLite — the batch forgotten, the attempt
 /// logged, the readings pruned — sent as one query: sqlx runs them in order, binding
@@ -1413,7 +1428,7 @@ async fn acknowledge_on_sqlite(
             "DELETE FROM batches WHERE id = ?; \
              INSERT INTO sync_log (client_system, batch_id, attempt, started_at_ms, \
                duration_ms, reading_count, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?); \
-             {PRUNE_SQL}; \
+             {PRUNE_SQLITE}; \
              SELECT changes()"
         )
     });
