@@ -1395,11 +1395,11 @@ async fn prune(txn: &DatabaseTransaction) -> Result<u64> {
 /// least progress of any Client System, and before the first reading of any batch still
 /// recorded or of any dead letter. With no Client System registered nothing goes (ids
 /// start at 1). The three bounds are folded into one, so that the scan of the table
-/// stops at the first reading kept: as three conditions, SQLite stopped at the first
-/// only, and went on through the readings of the batch read ahead, which the next
-/// acknowledgement deletes (about 1000 rows more read each time, a quarter of the
-/// statement's time). The two backends spell the least of the three
-/// differently (SQLite's `min` of several values, PostgreSQL's `LEAST`).
+/// stops at the first reading kept: given as three conditions, SQLite ends the scan at
+/// the first and tests the others on each row, reading on through the batch read
+/// ahead, which only the next acknowledgement deletes (about 1000 rows, a quarter of
+/// the statement's time). The two backends spell the least of several values
+/// differently (SQLite's `min`, PostgreSQL's `LEAST`).
 macro_rules! prune_sql {
     ($least:literal) => {
         concat!(
