@@ -720,24 +720,109 @@ async fn readings_come_back_from_the_queue_exactly(backend: Backend, test: &str)
 }
 on_both_backends!(readings_come_back_from_the_queue_exactly);
 
-/// Writes `n` attempts logged at `started_at_ms` into the site's `sync_log` with plain
-/// SQL.
-async fn log_attempts(site: &Site, n: u64, started_at_ms: i64) {
+/// Runs `sql` on the site's database through a connection of its own, not the queue's.
+async fn run_sql(site: &Site, sql: &str) {
     use sea_orm::ConnectionTrait;
     let url = match site.backend {
         Backend::Sqlite => format!("sqlite://{}", site.dir.path().join("syncd.db").display()),
         Backend::Postgres => site.config.database.url.clone(),
     };
     let db = sea_orm::Database::connect(&url).await.unwrap();
-    db.execute_unprepared(&format!(
+    db.execute_unprepared(sql).await.unwrap();
+    db.close().await.unwrap();
+}
+
+/// Writes `n` attempts logged at `started_at_ms` into the site's `sync_log` with plain
+/// SQL.
+async fn log_attempts(site: &Site, n: u64, started_at_ms: i64) {
+    let sql = format!(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
          INSERT INTO sync_log \
          (client_system, batch_id, attempt, started_at_ms, duration_ms, reading_count, outcome) \
          SELECT 'meterit', 'b-' || i, 1, {started_at_ms}, 5, 10, 'accepted' FROM n"
-    ))
-    .await
-    .unwrap();
-    db.close().await.unwrap();
+    );
+    run_sql(site, &sql).await;
+}
+
+/// On SQLite, recording a batch read ahead and acknowledging one are each a
+/// transaction written out in one query (`BEGIN IMMEDIATE` to `COMMIT`). One that fails
+/// after its first statement must leave nothing of itself: what it changed undone, and
+/// no connection of the queue's pool left inside it, holding the write lock (the next
+/// write would wait out the busy timeout and fail, or fail to begin at once).
+#[tokio::test]
+async fn a_transaction_failing_halfway_leaves_nothing_behind() {
+    let site = Site::build(Backend::Sqlite, "failing_halfway", "", &[("meterit", "")]).await;
+    let queue = site.queue().await;
+    queue.enqueue(&readings(8)).await.unwrap();
+    let (first, _) = queue.new_batch("meterit", 4).await.unwrap().unwrap();
+    let ahead = queue
+        .readings_after(first.last_reading_id, 4)
+        .await
+        .unwrap();
+    let refuse = |table: &str| {
+        format!(
+            "CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+    };
+
+    // The batch cannot be inserted: the progress moved before it must be undone.
+    run_sql(&site, &refuse("batches")).await;
+    let error = queue
+        .record_read_ahead("meterit", first.last_reading_id, &ahead, Some(&first.id))
+        .await
+        .expect_err("the insert is refused");
+    assert!(
+        format!("{error:#}").contains("refused by the test"),
+        "{error:#}"
+    );
+    run_sql(&site, "DROP TRIGGER refuse_batches").await;
+
+    // The attempt cannot be logged: the batch forgotten before must be back.
+    run_sql(&site, &refuse("sync_log")).await;
+    let error = queue
+        .acknowledge(&first, common::attempt(&first, "accepted"))
+        .await
+        .expect_err("the log is refused");
+    assert!(
+        format!("{error:#}").contains("refused by the test"),
+        "{error:#}"
+    );
+    run_sql(&site, "DROP TRIGGER refuse_sync_log").await;
+    assert_eq!(
+        queue.pending_batch("meterit").await.unwrap().map(|b| b.id),
+        Some(first.id.clone())
+    );
+
+    // Both go through now, from where they were, on every connection the pool has.
+    let written = async {
+        let second = queue
+            .record_read_ahead("meterit", first.last_reading_id, &ahead, Some(&first.id))
+            .await
+            .unwrap()
+            .expect("still the next readings: recorded");
+        assert_eq!(second.first_reading_id, ahead[0].id);
+        let pruned = queue
+            .acknowledge(&first, common::attempt(&first, "accepted"))
+            .await
+            .unwrap();
+        assert_eq!(pruned, 4, "the first batch's readings");
+        let pruned = queue
+            .acknowledge(&second, common::attempt(&second, "accepted"))
+            .await
+            .unwrap();
+        assert_eq!(pruned, 4, "the second batch's readings");
+    };
+    tokio::time::timeout(Duration::from_secs(5), written)
+        .await
+        .expect("no connection waits for a lock left held");
+    assert_eq!(queue.reading_count().await.unwrap(), 0);
+    let logged = queue.sync_log_since(0).await.unwrap();
+    assert_eq!(
+        logged.len(),
+        2,
+        "only the attempts acknowledged: {logged:?}"
+    );
 }
 
 async fn old_delivery_attempts_are_deleted(backend: Backend, test: &str) {

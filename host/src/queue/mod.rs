@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sea_orm::sea_query::{Expr, Query};
+use sea_orm::sqlx::{self, Row as _};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database,
     DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait, QueryFilter,
@@ -534,7 +535,8 @@ impl Queue {
             move_progress(&txn, client_system, progress, last.id, None).await?,
             "the progress of client system {client_system} moved while locked"
         );
-        let record = self.insert_batch(&txn, client_system, &rows).await?;
+        let record = self.batch_of(client_system, &rows)?;
+        insert_batch(&txn, &record).await?;
         txn.commit().await?;
         Ok(Some((record, rows)))
     }
@@ -568,6 +570,10 @@ impl Queue {
         let Some(last) = rows.last() else {
             return Ok(None);
         };
+        let record = self.batch_of(client_system, rows)?;
+        if !self.is_postgres() {
+            return record_on_sqlite(&self.db, after, record, delivered).await;
+        }
         // Which batches can be claimed, as in `claim_batch` (keep the two alike). Built
         // with sea-query rather than as text: a custom expression's `$N` values are
         // dropped on SQLite.
@@ -581,7 +587,7 @@ impl Queue {
                     Condition::any()
                         .add(batch::Column::LeasedBy.is_null())
                         .add(batch::Column::LeasedBy.eq(&*self.process))
-                        .add(batch::Column::LeaseUntilMs.lt(crate::clock::now_ms())),
+                        .add(batch::Column::LeaseUntilMs.lt(record.created_at_ms)),
                 )
                 .to_owned();
             sea_orm::sea_query::ExprTrait::not(Expr::exists(claimable))
@@ -592,7 +598,7 @@ impl Queue {
             // claim first: nothing recorded.
             return Ok(None);
         }
-        let record = self.insert_batch(&txn, client_system, rows).await?;
+        insert_batch(&txn, &record).await?;
         txn.commit().await?;
         Ok(Some(record))
     }
@@ -609,16 +615,15 @@ impl Queue {
     /// The batch was delivered: forgets it, logs the attempt, and deletes the readings
     /// that no Client System in `client_systems` (the configured ones) still needs.
     pub async fn acknowledge(&self, batch: &Batch, attempt: Attempt) -> Result<u64> {
+        if !self.is_postgres() {
+            return acknowledge_on_sqlite(&self.db, &batch.id, attempt).await;
+        }
         let txn = self.db.begin().await?;
-        let pruned = if self.is_postgres() {
-            batch::Entity::delete_by_id(batch.id.clone())
-                .exec(&txn)
-                .await?;
-            log_attempt(&txn, attempt).await?;
-            prune(&txn).await?
-        } else {
-            acknowledge_on_sqlite(&txn, &batch.id, attempt).await?
-        };
+        batch::Entity::delete_by_id(batch.id.clone())
+            .exec(&txn)
+            .await?;
+        log_attempt(&txn, attempt).await?;
+        let pruned = prune(&txn).await?;
         txn.commit().await?;
         Ok(pruned)
     }
@@ -885,34 +890,27 @@ impl Queue {
         }
     }
 
-    /// Inserts the batch record of `rows` (not empty), leased to this process; the
-    /// caller moves the Client System's progress past them ([`move_progress`]).
-    async fn insert_batch(
-        &self,
-        txn: &DatabaseTransaction,
-        client_system: &str,
-        rows: &[QueuedReading],
-    ) -> Result<Batch> {
+    /// The batch record of `rows` (not empty), made now and leased to this process,
+    /// not yet written: the caller inserts it ([`insert_batch`]) in the transaction
+    /// that moves the Client System's progress past them.
+    fn batch_of(&self, client_system: &str, rows: &[QueuedReading]) -> Result<Batch> {
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             anyhow::bail!("a batch of no readings");
         };
         let now = crate::clock::now_ms();
-        let record = batch::ActiveModel {
-            id: Set(uuid::Uuid::now_v7().to_string()),
-            client_system: Set(client_system.to_owned()),
-            first_reading_id: Set(first.id),
-            last_reading_id: Set(last.id),
-            reading_count: Set(rows.len() as i32),
-            attempts: Set(0),
-            next_attempt_at_ms: Set(now),
-            last_error: Set(None),
-            created_at_ms: Set(now),
-            leased_by: Set(Some(self.process.to_string())),
-            lease_until_ms: Set(now + self.lease_ms),
-        }
-        .insert(txn)
-        .await?;
-        Ok(record)
+        Ok(Batch {
+            id: uuid::Uuid::now_v7().to_string(),
+            client_system: client_system.to_owned(),
+            first_reading_id: first.id,
+            last_reading_id: last.id,
+            reading_count: rows.len() as i32,
+            attempts: 0,
+            next_attempt_at_ms: now,
+            last_error: None,
+            created_at_ms: now,
+            leased_by: Some(self.process.to_string()),
+            lease_until_ms: now + self.lease_ms,
+        })
     }
 
     /// Refuses this process's name when another process that is alive uses it: seen
@@ -1414,48 +1412,127 @@ macro_rules! prune_sql {
 const PRUNE_SQLITE: &str = prune_sql!("min");
 const PRUNE_POSTGRES: &str = prune_sql!("LEAST");
 
-/// The acknowledgement's statements on SQLite — the batch forgotten, the attempt
-/// logged, the readings pruned — sent as one query: sqlx runs them in order, binding
-/// the values across them, in one round trip to the connection's thread instead of
-/// three. The last one answers how many readings the prune deleted.
-async fn acknowledge_on_sqlite(
-    txn: &DatabaseTransaction,
-    batch_id: &str,
-    a: Attempt,
-) -> Result<u64> {
+/// Inserts a batch record made by [`Queue::batch_of`].
+async fn insert_batch(txn: &DatabaseTransaction, record: &Batch) -> Result<()> {
+    batch::Entity::insert(batch::ActiveModel::from(record.clone()))
+        .exec_without_returning(txn)
+        .await
+        .context("failed to record the batch")?;
+    Ok(())
+}
+
+/// [`Queue::record_read_ahead`] on SQLite, in one round trip (see [`in_one_round_trip`]):
+/// the progress moved, where it still is at `after` and (with `delivered`) no batch
+/// but that one could be claimed, and the batch inserted only if it was. Which batches
+/// can be claimed is as in [`Queue::claim_batch`]: keep the two alike.
+async fn record_on_sqlite(
+    db: &DatabaseConnection,
+    after: i64,
+    record: Batch,
+    delivered: Option<&str>,
+) -> Result<Option<Batch>> {
+    const SQL: &str = "BEGIN IMMEDIATE; \
+        UPDATE client_systems SET batched_through = ?3 \
+          WHERE name = ?1 AND batched_through = ?2 AND (?4 IS NULL OR NOT EXISTS ( \
+            SELECT 1 FROM batches WHERE client_system = ?1 AND id <> ?4 \
+              AND (leased_by IS NULL OR leased_by = ?5 OR lease_until_ms < ?6))); \
+        INSERT INTO batches (id, client_system, first_reading_id, last_reading_id, \
+            reading_count, attempts, next_attempt_at_ms, last_error, created_at_ms, \
+            leased_by, lease_until_ms) \
+          SELECT ?7, ?1, ?8, ?3, ?9, ?10, ?11, ?12, ?6, ?5, ?13 WHERE changes() = 1; \
+        SELECT changes(); \
+        COMMIT";
+    let query = sqlx::query(SQL)
+        .bind(record.client_system.clone())
+        .bind(after)
+        .bind(record.last_reading_id)
+        .bind(delivered.map(str::to_owned))
+        .bind(record.leased_by.clone())
+        .bind(record.created_at_ms)
+        .bind(record.id.clone())
+        .bind(record.first_reading_id)
+        .bind(record.reading_count)
+        .bind(record.attempts)
+        .bind(record.next_attempt_at_ms)
+        .bind(record.last_error.clone())
+        .bind(record.lease_until_ms);
+    let recorded: i64 = in_one_round_trip(db, query)
+        .await
+        .context("failed to record the batch read ahead")?
+        .first()
+        .context("recording the batch did not say whether it did")?
+        .try_get(0)?;
+    Ok((recorded == 1).then_some(record))
+}
+
+/// The acknowledgement on SQLite — the batch forgotten, the attempt logged, the
+/// readings pruned — in one round trip (see [`in_one_round_trip`]); the last statement
+/// but the commit answers how many readings the prune deleted.
+async fn acknowledge_on_sqlite(db: &DatabaseConnection, batch_id: &str, a: Attempt) -> Result<u64> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "DELETE FROM batches WHERE id = ?; \
+            "BEGIN IMMEDIATE; \
+             DELETE FROM batches WHERE id = ?; \
              INSERT INTO sync_log (client_system, batch_id, attempt, started_at_ms, \
                duration_ms, reading_count, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?); \
              {PRUNE_SQLITE}; \
-             SELECT changes()"
+             SELECT changes(); \
+             COMMIT"
         )
     });
-    let values: [sea_orm::Value; 9] = [
-        batch_id.into(),
-        a.client_system.into(),
-        Some(a.batch_id).into(),
-        a.attempt.into(),
-        a.started_at_ms.into(),
-        a.duration_ms.into(),
-        a.reading_count.into(),
-        a.outcome.into(),
-        a.error.into(),
-    ];
-    let rows = txn
-        .query_all_raw(Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            SQL.as_str(),
-            values,
-        ))
+    let query = sqlx::query(SQL.as_str())
+        .bind(batch_id.to_owned())
+        .bind(a.client_system)
+        .bind(a.batch_id)
+        .bind(a.attempt)
+        .bind(a.started_at_ms)
+        .bind(a.duration_ms)
+        .bind(a.reading_count)
+        .bind(a.outcome)
+        .bind(a.error);
+    let pruned: i64 = in_one_round_trip(db, query)
         .await
-        .context("failed to acknowledge the batch")?;
-    let pruned: i64 = rows
+        .context("failed to acknowledge the batch")?
         .first()
         .context("the acknowledgement did not say what it pruned")?
-        .try_get_by_index(0)?;
+        .try_get(0)?;
     Ok(pruned as u64)
+}
+
+/// Runs `query`, a SQLite transaction written out in full (`BEGIN IMMEDIATE` to
+/// `COMMIT`), as one query on one of the pool's connections, and returns the rows its
+/// statements give. sqlx runs each SQLite connection on a thread of its own, every
+/// statement a command sent there and an answer sent back (a thread woken on each
+/// side); a transaction through sea-orm costs one such round trip for `BEGIN`, one a
+/// statement and one for `COMMIT`, on the way between two batches of a drain. Here
+/// they are one. sqlx knows nothing of a transaction begun in the text, so a
+/// connection whose query failed or was dropped halfway may be left inside it, holding
+/// the write lock: such a connection is closed, not put back in the pool, and SQLite
+/// rolls its transaction back.
+async fn in_one_round_trip(
+    db: &DatabaseConnection,
+    query: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+) -> Result<Vec<sqlx::sqlite::SqliteRow>> {
+    /// Closes the connection when dropped before [`Finished::put_back`].
+    struct Finished(Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>);
+    impl Finished {
+        fn put_back(mut self) {
+            self.0.take();
+        }
+    }
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            if let Some(connection) = &mut self.0 {
+                connection.close_on_drop();
+            }
+        }
+    }
+    let mut connection = Finished(Some(db.get_sqlite_connection_pool().acquire().await?));
+    let rows = query
+        .fetch_all(&mut **connection.0.as_mut().expect("held until put back"))
+        .await?;
+    connection.put_back();
+    Ok(rows)
 }
 
 async fn max_reading_id(txn: &impl ConnectionTrait) -> Result<i64> {
