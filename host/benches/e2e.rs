@@ -44,7 +44,7 @@ const E2E_ROUNDS: usize = 4;
 const BATCH: usize = 1000;
 
 mod common;
-use common::{client_system, plugin, post_all, request_body, write_site};
+use common::{client_system, plugin, post_all, request_body, wait_for_api, write_site};
 
 /// Request bodies holding readings `0..n`, `PER_REQUEST` each.
 fn bodies(n: usize) -> Vec<Vec<u8>> {
@@ -77,18 +77,10 @@ async fn syncd_run(
     )?;
     let api = config.api.listen;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
+    let mut daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
         let _ = stopped.await;
     }));
-    let http = syncd::daemon::http_client()?;
-    while http
-        .get(format!("http://{api}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_api(&api.to_string(), &mut daemon).await?;
     // Warm: the plugins instantiated and the transport authenticated.
     post_all(&format!("http://{api}/v1/readings"), &self::bodies(1)[..1]).await?;
     wait_until_stored(&server, 1).await?;

@@ -26,7 +26,7 @@ const MAX_SMALL_RUNS: usize = 100;
 mod common;
 use common::{
     batch_counting_client_system, client_system, plugin, post_all, reading, request_body,
-    write_site,
+    wait_for_api, write_site,
 };
 
 struct Bench {
@@ -98,14 +98,10 @@ async fn ingest(bench: &Bench) -> Result<f64> {
     let config = bench.site("ingest").await?;
     let url = format!("http://{}/v1/readings", config.api.listen);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
+    let mut daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
         let _ = stopped.await;
     }));
-    let http = syncd::daemon::http_client()?;
-    let health = format!("http://{}/healthz", config.api.listen);
-    while http.get(&health).send().await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_api(&config.api.listen.to_string(), &mut daemon).await?;
     let bodies: Vec<Vec<u8>> = (0..INGEST_REQUESTS)
         .map(|r| request_body(r * READINGS_PER_REQUEST, READINGS_PER_REQUEST))
         .collect();

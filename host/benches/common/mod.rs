@@ -25,6 +25,25 @@ pub fn plugin(crate_name: &str) -> PathBuf {
         .join(format!("{crate_name}.wasm"))
 }
 
+/// Waits until the daemon running as `daemon` answers on its API at `api`. A daemon
+/// that stops first (its plugin not built, say) is an error, with its own, rather than
+/// a wait without end.
+pub async fn wait_for_api(
+    api: &str,
+    daemon: &mut tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    let http = syncd::daemon::http_client()?;
+    let health = format!("http://{api}/healthz");
+    while http.get(&health).send().await.is_err() {
+        if daemon.is_finished() {
+            daemon.await?.context("syncd stopped at start-up")?;
+            anyhow::bail!("syncd stopped at start-up before its API answered");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Reading number `i`: 20,000 meters in turn, one reading a second each.
 pub fn reading(i: usize) -> NewReading {
     NewReading {
