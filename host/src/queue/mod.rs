@@ -1456,12 +1456,7 @@ async fn record_on_sqlite(
         .bind(record.next_attempt_at_ms)
         .bind(record.last_error.clone())
         .bind(record.lease_until_ms);
-    let recorded: i64 = in_one_round_trip(db, query)
-        .await
-        .context("failed to record the batch read ahead")?
-        .first()
-        .context("recording the batch did not say whether it did")?
-        .try_get(0)?;
+    let recorded = in_one_round_trip(db, query, "record the batch read ahead").await?;
     Ok((recorded == 1).then_some(record))
 }
 
@@ -1490,18 +1485,13 @@ async fn acknowledge_on_sqlite(db: &DatabaseConnection, batch_id: &str, a: Attem
         .bind(a.reading_count)
         .bind(a.outcome)
         .bind(a.error);
-    let pruned: i64 = in_one_round_trip(db, query)
-        .await
-        .context("failed to acknowledge the batch")?
-        .first()
-        .context("the acknowledgement did not say what it pruned")?
-        .try_get(0)?;
+    let pruned = in_one_round_trip(db, query, "acknowledge the batch").await?;
     Ok(pruned as u64)
 }
 
 /// Runs `query`, a SQLite transaction written out in full (`BEGIN IMMEDIATE` to
-/// `COMMIT`), as one query on one of the pool's connections, and returns the rows its
-/// statements give. sqlx runs each SQLite connection on a thread of its own, every
+/// `COMMIT`), as one query on one of the pool's connections, and returns the count its
+/// one result row gives (its `SELECT changes()`); `what` it does names it in errors. sqlx runs each SQLite connection on a thread of its own, every
 /// statement a command sent there and an answer sent back (a thread woken on each
 /// side); a transaction through sea-orm costs one such round trip for `BEGIN`, one a
 /// statement and one for `COMMIT`, on the way between two batches of a drain. Here
@@ -1512,7 +1502,8 @@ async fn acknowledge_on_sqlite(db: &DatabaseConnection, batch_id: &str, a: Attem
 async fn in_one_round_trip(
     db: &DatabaseConnection,
     query: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-) -> Result<Vec<sqlx::sqlite::SqliteRow>> {
+    what: &str,
+) -> Result<i64> {
     /// Closes the connection when dropped before [`Finished::put_back`].
     struct Finished(Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>);
     impl Finished {
@@ -1527,12 +1518,19 @@ async fn in_one_round_trip(
             }
         }
     }
-    let mut connection = Finished(Some(db.get_sqlite_connection_pool().acquire().await?));
-    let rows = query
-        .fetch_all(&mut **connection.0.as_mut().expect("held until put back"))
-        .await?;
-    connection.put_back();
-    Ok(rows)
+    let ran = async {
+        let mut connection = Finished(Some(db.get_sqlite_connection_pool().acquire().await?));
+        let rows = query
+            .fetch_all(&mut **connection.0.as_mut().expect("held until put back"))
+            .await?;
+        connection.put_back();
+        Ok::<_, sqlx::Error>(rows)
+    };
+    let rows = ran.await.with_context(|| format!("failed to {what}"))?;
+    let row = rows
+        .first()
+        .with_context(|| format!("failed to {what}: the transaction answered no count"))?;
+    Ok(row.try_get(0)?)
 }
 
 async fn max_reading_id(txn: &impl ConnectionTrait) -> Result<i64> {
