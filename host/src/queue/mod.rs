@@ -1,4 +1,7 @@
-//! The durable queue: every query syncd makes, through sea-orm.
+//! The durable queue: every query syncd makes, through sea-orm — but for two
+//! transactions of every batch on SQLite (recording the next batch, acknowledging the
+//! last), each sent as one query on sea-orm's own pool through sqlx (see
+//! [`in_one_round_trip`]).
 //!
 //! Readings are rows with increasing ids that are never reused. Each Client System
 //! has a progress record, "batched through id N". A batch is a range of reading ids
