@@ -1494,14 +1494,16 @@ async fn acknowledge_on_sqlite(db: &DatabaseConnection, batch_id: &str, a: Attem
 
 /// Runs `query`, a SQLite transaction written out in full (`BEGIN IMMEDIATE` to
 /// `COMMIT`), as one query on one of the pool's connections, and returns the count its
-/// one result row gives (its `SELECT changes()`); `what` it does names it in errors. sqlx runs each SQLite connection on a thread of its own, every
-/// statement a command sent there and an answer sent back (a thread woken on each
-/// side); a transaction through sea-orm costs one such round trip for `BEGIN`, one a
-/// statement and one for `COMMIT`, on the way between two batches of a drain. Here
-/// they are one. sqlx knows nothing of a transaction begun in the text, so a
-/// connection whose query failed or was dropped halfway may be left inside it, holding
-/// the write lock: such a connection is closed, not put back in the pool, and SQLite
-/// rolls its transaction back.
+/// one result row gives (its `SELECT changes()`); `what` names what it does, in errors.
+///
+/// sqlx runs each SQLite connection on a thread of its own, every statement a command
+/// sent there and an answer sent back (a thread woken on each side); a transaction
+/// through sea-orm costs one such round trip for `BEGIN`, one a statement and one for
+/// `COMMIT`, on the way between two batches of a drain. Here they are one. sqlx knows
+/// nothing of a transaction begun in the text, so a connection whose query failed or
+/// was dropped halfway may be left inside it, holding the write lock: such a
+/// connection is closed, not put back in the pool, and SQLite rolls its transaction
+/// back.
 async fn in_one_round_trip(
     db: &DatabaseConnection,
     query: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
