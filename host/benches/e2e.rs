@@ -80,7 +80,7 @@ async fn syncd_run(
     let mut daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
         let _ = stopped.await;
     }));
-    wait_for_api(&api.to_string(), &mut daemon).await?;
+    wait_for_api(api, &mut daemon).await?;
     // Warm: the plugins instantiated and the transport authenticated.
     post_all(&format!("http://{api}/v1/readings"), &self::bodies(1)[..1]).await?;
     wait_until_stored(&server, 1).await?;

@@ -101,7 +101,7 @@ async fn ingest(bench: &Bench) -> Result<f64> {
     let mut daemon = tokio::spawn(syncd::daemon::run(config.clone(), async move {
         let _ = stopped.await;
     }));
-    wait_for_api(&config.api.listen.to_string(), &mut daemon).await?;
+    wait_for_api(config.api.listen, &mut daemon).await?;
     let bodies: Vec<Vec<u8>> = (0..INGEST_REQUESTS)
         .map(|r| request_body(r * READINGS_PER_REQUEST, READINGS_PER_REQUEST))
         .collect();

@@ -29,7 +29,7 @@ pub fn plugin(crate_name: &str) -> PathBuf {
 /// that stops first (its plugin not built, say) is an error, with its own, rather than
 /// a wait without end.
 pub async fn wait_for_api(
-    api: &str,
+    api: std::net::SocketAddr,
     daemon: &mut tokio::task::JoinHandle<Result<()>>,
 ) -> Result<()> {
     let http = syncd::daemon::http_client()?;

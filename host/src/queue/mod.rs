@@ -61,6 +61,26 @@ pub use syncd_migrations::INGEST_LOCK_KEY;
 /// one at a time ("prune" in ASCII).
 pub const PRUNE_LOCK_KEY: i64 = 482_184_015_461;
 
+/// The batches of a Client System this process may claim, as SQL: those no process
+/// holds, its own, and those whose holder's lease ran out. The arguments name the
+/// statement's parameters for the Client System, this process and the time now.
+/// [`Queue::claim_batch`] takes such a batch; recording a batch read ahead on SQLite
+/// ([`record_on_sqlite`]) waits while there is one; the PostgreSQL path of
+/// [`Queue::record_read_ahead`] builds the same condition with sea-query: keep it alike.
+macro_rules! claimable {
+    ($client_system:literal, $process:literal, $now:literal) => {
+        concat!(
+            "client_system = ",
+            $client_system,
+            " AND (leased_by IS NULL OR leased_by = ",
+            $process,
+            " OR lease_until_ms < ",
+            $now,
+            ")"
+        )
+    };
+}
+
 /// Pages of SQLite's write-ahead log (16 MiB of 4 KiB pages) past which the
 /// transaction that commits copies the log into the database file (a checkpoint, with
 /// a flush to disk). SQLite's default, 1000, has a delivery or an ingest checkpoint
@@ -459,9 +479,8 @@ impl Queue {
 
     /// Takes the oldest batch of a Client System not acknowledged yet that no other
     /// process holds (or whose holder's lease ran out): it is this process's for
-    /// `batch_lease` from now or from its retry time, whichever is later. Which
-    /// batches can be claimed is also checked by [`Queue::record_read_ahead`]: keep
-    /// the two alike.
+    /// `batch_lease` from now or from its retry time, whichever is later (which batches
+    /// can be: [`claimable!`]).
     pub async fn claim_batch(&self, client_system: &str) -> Result<Option<Batch>> {
         let now = crate::clock::now_ms();
         let skip_locked = if self.is_postgres() {
@@ -472,10 +491,10 @@ impl Queue {
         let sql = format!(
             "UPDATE batches SET leased_by = $1, \
                lease_until_ms = CASE WHEN next_attempt_at_ms > $2 THEN next_attempt_at_ms ELSE $2 END + $3 \
-             WHERE id = (SELECT id FROM batches WHERE client_system = $4 \
-               AND (leased_by IS NULL OR leased_by = $1 OR lease_until_ms < $2) \
+             WHERE id = (SELECT id FROM batches WHERE {} \
                ORDER BY first_reading_id LIMIT 1{skip_locked}) \
-             RETURNING *"
+             RETURNING *",
+            claimable!("$4", "$1", "$2")
         );
         let statement = self.statement(
             &sql,
@@ -577,7 +596,7 @@ impl Queue {
         if !self.is_postgres() {
             return record_on_sqlite(&self.db, after, record, delivered).await;
         }
-        // Which batches can be claimed, as in `claim_batch` (keep the two alike). Built
+        // Which batches can be claimed, as in `claimable!` (keep the two alike). Built
         // with sea-query rather than as text: a custom expression's `$N` values are
         // dropped on SQLite.
         let nothing_to_claim = delivered.map(|id| {
@@ -1426,25 +1445,27 @@ async fn insert_batch(txn: &DatabaseTransaction, record: &Batch) -> Result<()> {
 
 /// [`Queue::record_read_ahead`] on SQLite, in one round trip (see [`in_one_round_trip`]):
 /// the progress moved, where it still is at `after` and (with `delivered`) no batch
-/// but that one could be claimed, and the batch inserted only if it was. Which batches
-/// can be claimed is as in [`Queue::claim_batch`]: keep the two alike.
+/// but that one could be claimed ([`claimable!`]), and the batch inserted only if it was.
 async fn record_on_sqlite(
     db: &DatabaseConnection,
     after: i64,
     record: Batch,
     delivered: Option<&str>,
 ) -> Result<Option<Batch>> {
-    const SQL: &str = "BEGIN IMMEDIATE; \
+    const SQL: &str = concat!(
+        "BEGIN IMMEDIATE; \
         UPDATE client_systems SET batched_through = ?3 \
           WHERE name = ?1 AND batched_through = ?2 AND (?4 IS NULL OR NOT EXISTS ( \
-            SELECT 1 FROM batches WHERE client_system = ?1 AND id <> ?4 \
-              AND (leased_by IS NULL OR leased_by = ?5 OR lease_until_ms < ?6))); \
+            SELECT 1 FROM batches WHERE id <> ?4 AND ",
+        claimable!("?1", "?5", "?6"),
+        ")); \
         INSERT INTO batches (id, client_system, first_reading_id, last_reading_id, \
             reading_count, attempts, next_attempt_at_ms, last_error, created_at_ms, \
             leased_by, lease_until_ms) \
           SELECT ?7, ?1, ?8, ?3, ?9, ?10, ?11, ?12, ?6, ?5, ?13 WHERE changes() = 1; \
         SELECT changes(); \
-        COMMIT";
+        COMMIT"
+    );
     let query = sqlx::query(SQL)
         .bind(record.client_system.clone())
         .bind(after)
